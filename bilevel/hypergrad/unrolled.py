@@ -1,0 +1,44 @@
+r"""Unrolled hypergradient: backpropagation through the lower solver's iterations."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .._tree import Tree
+from ..problem import LowerProblem
+from .base import Strategy
+
+__all__ = ["Unrolled"]
+
+
+@dataclass(frozen=True)
+class Unrolled(Strategy):
+    r"""Differentiate through the solver's iterations :math:`y_{k+1} = \Phi(x, y_k)`.
+
+    With :math:`K` steps from an ``x``-independent start, autograd computes
+    :math:`\mathrm{d}y_K/\mathrm{d}x = \sum_{k<K} \big(\prod_{j>k} \partial_y \Phi_j\big) \partial_x \Phi_k` exactly.
+    ``truncate=T`` keeps only the last :math:`T` steps in the graph (truncated backpropagation): the first
+    :math:`K-T` run without a graph and their output is treated as a constant start.
+
+    Cost: memory grows linearly with the number of differentiated steps, each of which also needs a
+    double backward at backward time.
+
+    Args:
+        truncate: number of final steps to differentiate through (``None``: all).
+    """
+
+    truncate: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.truncate is not None and self.truncate < 0:
+            raise ValueError(f"Unrolled: truncate must be >= 0, got {self.truncate}")
+
+    def solve(self, lower: LowerProblem, x: Tree, init: Tree) -> Tree:
+        solver = self._solver(lower, "Unrolled")
+        steps = solver.steps if self.truncate is None else min(self.truncate, solver.steps)
+        if not torch.is_grad_enabled():
+            steps = 0
+        return solver.run(lower, x, init, differentiable_steps=steps)

@@ -1,0 +1,143 @@
+r"""Linear solvers for the implicit hypergradient, on matrix-vector-product closures.
+
+Each solver approximately solves :math:`A u = b` for a symmetric operator :math:`A` given as a
+closure ``matvec(v) = A v`` on flat vectors, and returns ``(u, info)``. They run a fixed number of
+iterations with no host synchronization: convergence is handled with ``torch.where`` (a converged CG
+freezes its iterate), and the residual is returned as a tensor for the user to inspect when convenient.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Tuple
+
+import torch
+
+MatVec = Callable[[torch.Tensor], torch.Tensor]
+MatMat = Callable[[torch.Tensor], torch.Tensor]
+
+__all__ = ["LinearSolveInfo", "LinearSolver", "CG", "Neumann", "DenseSolve"]
+
+
+@dataclass
+class LinearSolveInfo:
+    """Diagnostics of one linear solve (tensors; reading them is the caller's host sync).
+
+    Attributes:
+        residual_norm: :math:`\\|b - A u\\|_2` (CG: the recursive residual; Neumann/dense: computed).
+        rhs_norm: :math:`\\|b\\|_2`, so ``residual_norm / rhs_norm`` is the relative residual.
+        iterations: the number of iterations run (matrix-vector products).
+    """
+
+    residual_norm: torch.Tensor
+    rhs_norm: torch.Tensor
+    iterations: int
+
+    @property
+    def relative_residual(self) -> torch.Tensor:
+        return self.residual_norm / self.rhs_norm.clamp_min(torch.finfo(self.rhs_norm.dtype).tiny)
+
+
+class LinearSolver:
+    """Interface: ``solver(matvec, b, matmat=None) -> (u, LinearSolveInfo)``."""
+
+    def __call__(self, matvec: MatVec, b: torch.Tensor, matmat: Optional[MatMat] = None
+                 ) -> Tuple[torch.Tensor, LinearSolveInfo]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class CG(LinearSolver):
+    r"""Conjugate gradient for a symmetric positive-definite :math:`A`.
+
+    Runs exactly ``maxiter`` iterations (each one matrix-vector product). Once the residual satisfies
+    :math:`\|r\| \le \mathrm{tol}\,\|b\|` the iterate stops changing (no host sync, so no early exit).
+
+    Args:
+        maxiter: number of iterations.
+        tol: relative residual at which the iterate freezes.
+    """
+
+    maxiter: int = 50
+    tol: float = 1e-10
+
+    def __post_init__(self) -> None:
+        if self.maxiter < 1:
+            raise ValueError(f"CG: maxiter must be >= 1, got {self.maxiter}")
+
+    def __call__(self, matvec: MatVec, b: torch.Tensor, matmat: Optional[MatMat] = None
+                 ) -> Tuple[torch.Tensor, LinearSolveInfo]:
+        u = torch.zeros_like(b)
+        r = b.clone()
+        p = r.clone()
+        rs = torch.dot(r, r)
+        bnorm2 = rs.clone()
+        thresh = (self.tol**2) * bnorm2
+        for _ in range(self.maxiter):
+            active = rs > thresh
+            Ap = matvec(p)
+            pAp = torch.dot(p, Ap)
+            alpha = torch.where(active, rs / torch.where(pAp != 0, pAp, torch.ones_like(pAp)), torch.zeros_like(rs))
+            u = u + alpha * p
+            r = r - alpha * Ap
+            rs_new = torch.dot(r, r)
+            beta = torch.where(active, rs_new / torch.where(rs != 0, rs, torch.ones_like(rs)), torch.zeros_like(rs))
+            p = r + beta * p
+            rs = torch.where(active, rs_new, rs)
+        return u, LinearSolveInfo(rs.sqrt(), bnorm2.sqrt(), self.maxiter)
+
+
+@dataclass(frozen=True)
+class Neumann(LinearSolver):
+    r"""Truncated Neumann series :math:`u = \alpha \sum_{k=0}^{K-1} (I - \alpha A)^k b`.
+
+    Converges to :math:`A^{-1} b` when the spectral radius of :math:`I - \alpha A` is below one
+    (:math:`0 < \alpha < 2/\lambda_{\max}(A)` for SPD :math:`A`). With ``alpha`` equal to the lower
+    solver's step, the K-term series at :math:`y^\star` equals backpropagation through K gradient steps
+    started at :math:`y^\star`.
+
+    Args:
+        steps: number of terms K (K - 1 matrix-vector products, plus one for the residual).
+        alpha: the scaling :math:`\alpha`.
+    """
+
+    steps: int = 50
+    alpha: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"Neumann: steps must be >= 1, got {self.steps}")
+        if not self.alpha > 0:
+            raise ValueError(f"Neumann: alpha must be > 0, got {self.alpha}")
+
+    def __call__(self, matvec: MatVec, b: torch.Tensor, matmat: Optional[MatMat] = None
+                 ) -> Tuple[torch.Tensor, LinearSolveInfo]:
+        p = self.alpha * b
+        u = p
+        for _ in range(self.steps - 1):
+            p = p - self.alpha * matvec(p)
+            u = u + p
+        res = torch.linalg.vector_norm(b - matvec(u))
+        return u, LinearSolveInfo(res, torch.linalg.vector_norm(b), self.steps)
+
+
+@dataclass(frozen=True)
+class DenseSolve(LinearSolver):
+    r"""Materialize :math:`A` (n batched matrix-vector products) and solve exactly by LU.
+
+    For small problems (n up to a few thousand) and as a reference. ``ridge`` adds :math:`\rho I`.
+    """
+
+    ridge: float = 0.0
+
+    def __call__(self, matvec: MatVec, b: torch.Tensor, matmat: Optional[MatMat] = None
+                 ) -> Tuple[torch.Tensor, LinearSolveInfo]:
+        n = b.numel()
+        eye = torch.eye(n, dtype=b.dtype, device=b.device)
+        A = matmat(eye) if matmat is not None else torch.stack([matvec(e) for e in eye])
+        A = 0.5 * (A + A.T)
+        if self.ridge:
+            A = A + self.ridge * eye
+        u = torch.linalg.solve(A, b)
+        res = torch.linalg.vector_norm(b - A @ u)
+        return u, LinearSolveInfo(res, torch.linalg.vector_norm(b), n)

@@ -1,0 +1,75 @@
+r"""The differentiable entry points: :func:`solve` and :func:`value_and_hypergrad`."""
+
+from __future__ import annotations
+
+from typing import Callable, Tuple
+
+import torch
+
+from ._tree import Tree, is_functorch_mode, leaves, to_vector, unflatten
+from .hypergrad.base import Strategy
+from .problem import LowerProblem
+
+__all__ = ["solve", "value_and_hypergrad"]
+
+
+def _check_inputs(lower: LowerProblem, x: Tree, init: Tree, strategy: Strategy) -> None:
+    if not isinstance(lower, LowerProblem):
+        raise TypeError(f"solve: `lower` must be a bilevel.LowerProblem, got {type(lower).__name__}")
+    if not isinstance(strategy, Strategy):
+        raise TypeError(
+            f"solve: `strategy` must be a bilevel strategy object (Implicit(), Unrolled(), Linearized(...), "
+            f"FirstOrder()), got {strategy!r}"
+        )
+    leaves(x)
+    lower.check(init)
+
+
+def solve(lower: LowerProblem, x: Tree, init: Tree, strategy: Strategy, *, check_finite: bool = True) -> Tree:
+    r"""Solve the lower problem at ``x`` from ``init`` and return :math:`y^\star(x)`, differentiable in ``x``.
+
+    The autograd graph from the returned tree to ``x`` is the one the strategy defines, so
+    ``f(x, y).backward()`` leaves the total hypergradient
+    :math:`\nabla_x f + (\mathrm{d}y^\star/\mathrm{d}x)^\top \nabla_y f` in ``x.grad`` and any
+    ``torch.optim`` optimizer can take the step.
+
+    Args:
+        lower: the lower problem (objective, constraint, solver).
+        x: the upper variable: a tensor, a tree of tensors, or ``dict(module.named_parameters())``.
+        init: the solver's starting point (or the linearization point for :class:`~bilevel.Linearized`),
+            a tree shaped like the lower variable.
+        strategy: :class:`~bilevel.Implicit`, :class:`~bilevel.Unrolled`, :class:`~bilevel.Linearized`
+            or :class:`~bilevel.FirstOrder`.
+        check_finite: raise ``FloatingPointError`` if the solution has NaN or Inf. This reads one boolean
+            from the device (a host sync); pass ``False`` in GPU training loops that check the loss instead.
+    """
+    _check_inputs(lower, x, init, strategy)
+    y = strategy.solve(lower, x, init)
+    if check_finite:
+        y_flat, _ = leaves(y)
+        if not is_functorch_mode(y_flat) and not bool(torch.isfinite(to_vector([t.detach() for t in y_flat])).all()):
+            raise FloatingPointError(
+                f"solve: the lower solution contains NaN or Inf (solver {lower.solver!r}, strategy {strategy!r}); "
+                "check the objective and lower the solver's step size"
+            )
+    return y
+
+
+def value_and_hypergrad(upper: Callable[[Tree, Tree], torch.Tensor], lower: LowerProblem, x: Tree, init: Tree,
+                        strategy: Strategy) -> Tuple[torch.Tensor, Tree]:
+    r"""Functional form: return :math:`F(x) = f(x, y^\star(x))` and :math:`\mathrm{d}F/\mathrm{d}x` (a tree like ``x``).
+
+    ``x`` is not modified and no ``.grad`` is written. Under ``torch.func`` transforms use
+    ``torch.func.grad(lambda x: upper(x, solve(lower, x, init, strategy)))`` instead: every strategy composes.
+    """
+    x_flat, x_spec = leaves(x)
+    with torch.enable_grad():
+        xs = [t.detach().requires_grad_() for t in x_flat]
+        x_in = unflatten(xs, x_spec)
+        y = solve(lower, x_in, init, strategy)
+        value = upper(x_in, y)
+        if not isinstance(value, torch.Tensor) or value.ndim != 0:
+            raise ValueError("value_and_hypergrad: the upper objective must return a scalar tensor")
+        grads = torch.autograd.grad(value, xs, allow_unused=True)
+    grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, xs)]
+    return value.detach(), unflatten(grads, x_spec)

@@ -1,0 +1,103 @@
+r"""Lower-level solvers: iterate towards :math:`y^\star(x) \in \arg\min_{y \in C} g(x, y)`.
+
+Each solver runs a fixed number of steps with no host synchronization, so it can run on a GPU
+without stalls. ``run(lower, x, init, differentiable_steps=T)`` performs the first ``steps - T`` steps
+without a graph and the last ``T`` with one (``create_graph=True``), which is what
+:class:`bilevel.Unrolled` (full or truncated) backpropagates through.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ._autodiff import detach_tree
+from ._tree import Tree, tree_map
+from .problem import LowerProblem
+
+__all__ = ["Solver", "GradientDescent", "ProjectedGradient", "SignedProjectedGradient", "ClosedForm"]
+
+
+class Solver:
+    """Interface of a lower-level solver."""
+
+    steps: int = 0
+
+    def step(self, lower: LowerProblem, x: Tree, y: Tree, *, create_graph: bool) -> Tree:  # pragma: no cover
+        """One iteration :math:`y \\mapsto y^+`."""
+        raise NotImplementedError
+
+    def run(self, lower: LowerProblem, x: Tree, init: Tree, *, differentiable_steps: int = 0) -> Tree:
+        """Run ``self.steps`` iterations from ``init``; the last ``differentiable_steps`` keep a graph."""
+        n_plain = max(self.steps - differentiable_steps, 0)
+        y = detach_tree(init)
+        x_plain = detach_tree(x)
+        for _ in range(n_plain):
+            y = self.step(lower, x_plain, y, create_graph=False)
+        for _ in range(self.steps - n_plain):
+            y = self.step(lower, x, y, create_graph=True)
+        return y
+
+
+def _check_steps(name: str, steps: int, step_size: float) -> None:
+    if int(steps) != steps or steps < 0:
+        raise ValueError(f"{name}: steps must be a non-negative integer, got {steps}")
+    if not step_size > 0:
+        raise ValueError(f"{name}: step_size must be > 0, got {step_size}")
+
+
+@dataclass(frozen=True)
+class GradientDescent(Solver):
+    r"""Gradient descent :math:`y \leftarrow y - \eta \nabla_y g(x, y)` for an unconstrained lower problem."""
+
+    step_size: float
+    steps: int
+
+    def __post_init__(self) -> None:
+        _check_steps(type(self).__name__, self.steps, self.step_size)
+
+    def _direction(self, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+    def step(self, lower: LowerProblem, x: Tree, y: Tree, *, create_graph: bool) -> Tree:
+        if type(self) is GradientDescent and lower.constraint is not None:
+            raise ValueError("GradientDescent: the lower problem has a constraint; use ProjectedGradient")
+        _, grad = lower.value_and_grad(x, y, create_graph=create_graph)
+        y_new = tree_map(lambda t, d: t - self.step_size * self._direction(d), y, grad)
+        return lower.project(y_new)
+
+
+@dataclass(frozen=True)
+class ProjectedGradient(GradientDescent):
+    r"""Projected gradient :math:`y \leftarrow \mathrm{Proj}_C(y - \eta \nabla_y g(x, y))`."""
+
+
+@dataclass(frozen=True)
+class SignedProjectedGradient(GradientDescent):
+    r"""Signed projected gradient :math:`y \leftarrow \mathrm{Proj}_C(y - \eta\, \mathrm{sign}\, \nabla_y g(x, y))`.
+
+    The L-inf steepest-descent step of PGD and FGSM attacks (with ``g = -loss``).
+    """
+
+    def _direction(self, grad: torch.Tensor) -> torch.Tensor:
+        return grad.sign()
+
+
+@dataclass(frozen=True)
+class ClosedForm(Solver):
+    r"""A user function ``fn(x) -> y*`` that solves the lower problem exactly (``init`` is ignored).
+
+    Under :class:`bilevel.Unrolled` autograd differentiates ``fn`` itself; under
+    :class:`bilevel.Implicit` only its output is used, at which the optimality conditions are linearized.
+    """
+
+    fn: Callable[[Tree], Tree]
+    steps: int = 1
+
+    def step(self, lower: LowerProblem, x: Tree, y: Tree, *, create_graph: bool) -> Tree:
+        if create_graph:
+            return self.fn(x)
+        with torch.no_grad():
+            return detach_tree(self.fn(detach_tree(x)))
