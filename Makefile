@@ -1,0 +1,37 @@
+# Fresh-machine entry points. `make train` sets up and runs the main job (Fast-BAT on the embedded
+# MNIST digits, offline); `make test` sets up and runs the test suite (what CI runs).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# The CPU build of PyTorch first, so no dependency resolution pulls a multi-GB CUDA build.
+TORCH ?= torch==2.13.0
+
+.PHONY: train test lint docs hyperopt clean
+
+$(VENV)/.apps: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH)"
+	$(PIP) install -q -e ".[apps]"
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.apps
+	$(PIP) install -q -e ".[dev,docs]"
+	touch $@
+
+train: $(VENV)/.apps
+	$(PY) applications/adversarial/train.py $(ARGS)
+
+hyperopt: $(VENV)/.apps
+	$(PY) -m applications.hyperopt
+
+test: $(VENV)/.dev
+	$(PY) -m ruff check .
+	$(PY) -m pytest
+
+docs: $(VENV)/.dev
+	$(VENV)/bin/mkdocs build --strict
+
+clean:
+	rm -rf $(VENV) site runs
