@@ -1,0 +1,117 @@
+"""Catastrophic-overfitting detector on planted metric streams."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from applications.adversarial.overfitting import CatastrophicOverfitting, detect_in_stream
+
+# robust accuracy collapses at epoch 3 while clean accuracy keeps rising (FGSM-RS at eps 16/255)
+_CLEAN = [0.55, 0.60, 0.64, 0.78, 0.83]
+_ROBUST = [0.40, 0.42, 0.44, 0.01, 0.00]
+
+
+def test_planted_collapse_is_detected_at_its_epoch():
+    co = CatastrophicOverfitting()
+    fired = [co.update(e, c, r) for e, (c, r) in enumerate(zip(_CLEAN, _ROBUST))]
+    assert fired == [False, False, False, True, True]
+    assert co.detected and co.epoch == 3 and co.detected_at == 3
+    msg = co.message()
+    assert "epoch 3" in msg and "0.0100" in msg and "0.4400" in msg and "epoch 2" in msg
+
+
+def test_patience_reports_onset_and_confirmation():
+    co = CatastrophicOverfitting(patience=2)
+    fired = [co.update(e, c, r) for e, (c, r) in enumerate(zip(_CLEAN, _ROBUST))]
+    assert fired == [False, False, False, False, True]
+    assert co.epoch == 3 and co.detected_at == 4
+    # a one-epoch dip that recovers does not reach patience 2
+    co = CatastrophicOverfitting(patience=2)
+    for e, (c, r) in enumerate(zip([0.5, 0.6, 0.65, 0.7, 0.72], [0.30, 0.35, 0.10, 0.36, 0.37])):
+        assert not co.update(e, c, r)
+    assert not co.detected and co.epoch is None
+
+
+def test_healthy_stream_is_not_detected():
+    clean = [0.35, 0.45, 0.55, 0.60, 0.66, 0.70, 0.74, 0.78, 0.80, 0.81]
+    robust = [0.22, 0.28, 0.33, 0.36, 0.39, 0.41, 0.43, 0.45, 0.46, 0.47]
+    co = CatastrophicOverfitting()
+    assert not any(co.update(e, c, r) for e, (c, r) in enumerate(zip(clean, robust)))
+    assert not co.detected and co.epoch is None
+    assert co.message() == "no catastrophic overfitting detected"
+
+
+def test_noisy_healthy_stream_is_not_detected():
+    rng = random.Random(0)
+    co = CatastrophicOverfitting()
+    for e in range(40):
+        clean = min(0.9, 0.4 + 0.01 * e) + rng.uniform(-0.04, 0.04)
+        robust = min(0.45, 0.2 + 0.008 * e) + rng.uniform(-0.06, 0.06)
+        assert not co.update(e, clean, robust), (e, clean, robust)
+    assert not co.detected
+
+
+def test_global_divergence_is_not_co():
+    """Both accuracies collapsing (learning rate blow-up) is not catastrophic overfitting."""
+    co = CatastrophicOverfitting()
+    for e, (c, r) in enumerate(zip([0.5, 0.6, 0.1], [0.3, 0.35, 0.01])):
+        assert not co.update(e, c, r)
+
+
+def test_run_that_never_learns_robustness_is_not_co():
+    co = CatastrophicOverfitting()
+    for e, (c, r) in enumerate(zip([0.3, 0.5, 0.6], [0.03, 0.04, 0.0])):
+        assert not co.update(e, c, r)
+
+
+def test_absolute_floor_with_loose_ratio():
+    co = CatastrophicOverfitting(drop_ratio=0.05, min_robust_acc=0.02)
+    assert [co.update(e, c, r) for e, (c, r) in enumerate(zip([0.5, 0.6, 0.7], [0.30, 0.25, 0.02]))] == [False, False, True]
+    co = CatastrophicOverfitting(drop_ratio=0.05, min_robust_acc=0.0)
+    assert [co.update(e, c, r) for e, (c, r) in enumerate(zip([0.5, 0.6, 0.7], [0.30, 0.25, 0.02]))] == [False, False, False]
+
+
+def test_state_dict_round_trip_continues_identically():
+    full = CatastrophicOverfitting(patience=2)
+    half = CatastrophicOverfitting(patience=2)
+    stream = list(enumerate(zip(_CLEAN, _ROBUST)))
+    for e, (c, r) in stream[:4]:
+        full.update(e, c, r)
+        half.update(e, c, r)
+    state = json.loads(json.dumps(half.state_dict()))  # plain values only
+    resumed = CatastrophicOverfitting(patience=2)
+    resumed.load_state_dict(state)
+    assert resumed.state_dict() == full.state_dict()
+    e, (c, r) = stream[4]
+    assert resumed.update(e, c, r) == full.update(e, c, r) is True
+    assert resumed.state_dict() == full.state_dict() and resumed.epoch == 3
+    with pytest.raises(ValueError, match="best_robust"):
+        CatastrophicOverfitting().load_state_dict({k: v for k, v in state.items() if k != "best_robust"})
+
+
+def test_bad_input_is_rejected():
+    co = CatastrophicOverfitting()
+    with pytest.raises(ValueError, match="percentage"):
+        co.update(0, 55.0, 0.3)
+    with pytest.raises(ValueError, match="robust_acc"):
+        co.update(0, 0.5, float("nan"))
+    with pytest.raises(ValueError, match="drop_ratio"):
+        CatastrophicOverfitting(drop_ratio=0.0)
+    with pytest.raises(ValueError, match="patience"):
+        CatastrophicOverfitting(patience=0)
+
+
+def test_detect_in_stream_skips_non_validation_records():
+    records = []
+    for e, (c, r) in enumerate(zip(_CLEAN, _ROBUST)):
+        records.append({"epoch": e, "step": 10 * e, "train_loss": 1.0})  # per-step record
+        records.append({"epoch": e, "val_clean_acc": c, "val_robust_acc": r, "lr": 0.1})
+    assert detect_in_stream(records) == 3
+    assert detect_in_stream(records, patience=2) == 3
+    healthy = [{"epoch": e, "val_clean_acc": 0.5 + 0.02 * e, "val_robust_acc": 0.3 + 0.01 * e} for e in range(10)]
+    assert detect_in_stream(healthy) is None
+    # epochs that start at 1 are reported as written
+    assert detect_in_stream([{**rec, "epoch": rec["epoch"] + 1} for rec in records]) == 4
