@@ -7,6 +7,7 @@ on one flat vector; these helpers convert between the two views.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Callable, List, Sequence, Tuple
 
 import torch
@@ -14,7 +15,7 @@ from torch.utils import _pytree as pytree
 
 Tree = Any
 
-__all__ = ["Tree", "leaves", "unflatten", "tree_map", "to_vector", "from_vector", "is_functorch_mode"]
+__all__ = ["Tree", "leaves", "leaves_like", "unflatten", "tree_map", "to_vector", "from_vector", "is_functorch_mode"]
 
 
 def leaves(tree: Tree) -> Tuple[List[torch.Tensor], Any]:
@@ -26,6 +27,36 @@ def leaves(tree: Tree) -> Tuple[List[torch.Tensor], Any]:
                 f"bilevel: every leaf of a variable tree must be a torch.Tensor; leaf {i} is {type(leaf).__name__}"
             )
     return flat, spec
+
+
+def leaves_like(tree: Tree, spec: Any, what: str = "tree") -> List[torch.Tensor]:
+    """The tensor leaves of ``tree`` in the order of ``spec``'s structure, matching dicts by key.
+
+    Two dicts with the same keys in another insertion order flatten in different orders; this puts the
+    leaves of ``tree`` where ``spec`` expects them, and raises ``ValueError`` if the structures differ.
+    """
+    flat, tree_spec = leaves(tree)
+    if tree_spec == spec:
+        return flat
+    index_tree = unflatten(list(range(spec.num_leaves)), spec)
+    out: List[Any] = [None] * spec.num_leaves
+
+    def walk(t: Any, idx: Any) -> None:
+        if isinstance(idx, int):
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"bilevel: the {what} has a {type(t).__name__} where a tensor is expected")
+            out[idx] = t
+        elif isinstance(idx, Mapping) and isinstance(t, Mapping) and set(t.keys()) == set(idx.keys()):
+            for k in idx:
+                walk(t[k], idx[k])
+        elif isinstance(idx, (list, tuple)) and isinstance(t, (list, tuple)) and len(t) == len(idx):
+            for ti, ii in zip(t, idx):
+                walk(ti, ii)
+        else:
+            raise ValueError(f"bilevel: the {what} has structure {tree_spec}, expected {spec}")
+
+    walk(tree, index_tree)
+    return out
 
 
 def unflatten(flat: Sequence[torch.Tensor], spec: Any) -> Tree:

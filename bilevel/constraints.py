@@ -10,7 +10,9 @@ The implicit hypergradient needs the *free set*: coordinates strictly inside the
 so differentiating the fixed point :math:`y^\star = \mathrm{Proj}_C(y^\star - \eta \nabla_y g)` gives the masked system
 :math:`(D H D + (I - D))\,u = D v` of :class:`bilevel.Implicit`.
 
-Bounds are treated as constants with respect to the upper variable ``x`` (gradients do not flow into them).
+Bounds are treated as constants with respect to the upper variable ``x`` by every strategy (they are
+detached), and tensor bounds are cast to the variable's dtype (a float32 bound ``0.3`` becomes
+``0.30000001`` in a float64 problem: build bounds in the problem's dtype).
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ __all__ = ["Constraint", "Box", "LInfBall", "Intersection"]
 
 
 def _as_bound(b: Bound, like: torch.Tensor) -> Bound:
+    # bounds are constants for every strategy (no gradient flows into them), cast to the variable's dtype
     if isinstance(b, torch.Tensor):
-        return b.to(dtype=like.dtype, device=like.device)
+        return b.detach().to(dtype=like.dtype, device=like.device)
     return float(b)
 
 

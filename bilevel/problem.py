@@ -7,6 +7,7 @@ differentiated by autograd, and the chosen strategy decides how gradients flow t
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Tuple
 
@@ -24,6 +25,45 @@ def _is_constraint_leaf(c: Any) -> bool:
     return c is None or isinstance(c, Constraint)
 
 
+def _assign(c: Any, node: Any, out: List[Optional[Constraint]], path: str) -> None:
+    """Match the constraint tree ``c`` against ``node`` (the lower variable's tree with leaf indices).
+
+    A constraint (or ``None``) at an inner node applies to every leaf below it. Dicts are matched by key,
+    not by insertion order, so ``{"a": C, "b": None}`` constrains ``y["a"]`` whatever the key order of ``y``.
+    """
+    if _is_constraint_leaf(c):
+        for i in pytree.tree_flatten(node)[0]:
+            out[i] = c
+    elif isinstance(node, int):
+        raise ValueError(f"LowerProblem: the constraint tree has a {type(c).__name__} at {path} where the lower "
+                         "variable has a tensor; put a Constraint or None there")
+    elif isinstance(node, Mapping):
+        if not isinstance(c, Mapping) or set(c.keys()) != set(node.keys()):
+            def show(keys) -> str:
+                return ", ".join(sorted(map(repr, keys)))
+
+            what = f"has keys {show(c.keys())}" if isinstance(c, Mapping) else f"is a {type(c).__name__}"
+            raise ValueError(f"LowerProblem: the constraint tree at {path} {what} but the lower variable has keys "
+                             f"{show(node.keys())}")
+        for k in node:
+            _assign(c[k], node[k], out, f"{path}[{k!r}]")
+    elif isinstance(node, (list, tuple)):
+        if not isinstance(c, (list, tuple)) or len(c) != len(node):
+            what = f"{len(c)} entries" if isinstance(c, (list, tuple)) else f"a {type(c).__name__}"
+            raise ValueError(f"LowerProblem: the constraint tree at {path} has {what} but the lower "
+                             f"variable has {len(node)} entries")
+        for i, (ci, ni) in enumerate(zip(c, node)):
+            _assign(ci, ni, out, f"{path}[{i}]")
+    else:  # another pytree node type: match leaves by position
+        cs = pytree.tree_flatten(c, is_leaf=_is_constraint_leaf)[0]
+        idx = pytree.tree_flatten(node)[0]
+        if len(cs) != len(idx):
+            raise ValueError(f"LowerProblem: the constraint tree at {path} has {len(cs)} leaves but the lower "
+                             f"variable has {len(idx)}")
+        for i, ci in zip(idx, cs):
+            out[i] = ci
+
+
 @dataclass(frozen=True)
 class LowerProblem:
     r"""A lower problem: objective :math:`g(x, y)`, constraint set :math:`C`, and how to solve it.
@@ -34,7 +74,8 @@ class LowerProblem:
             ``torch.func.functional_call``) rather than capturing it, so that strategies can
             differentiate with respect to it.
         constraint: ``None`` (unconstrained), one :class:`~bilevel.Constraint` applied to every leaf of
-            ``y``, or a tree of constraints (``None`` for free leaves) matching ``y``'s structure.
+            ``y``, or a tree of constraints (``None`` for free leaves) matching ``y``'s structure (dicts by
+            key; a constraint at an inner node applies to every leaf below it).
         solver: the lower-level solver (:mod:`bilevel.solvers`); :class:`~bilevel.Linearized` does not
             need one.
     """
@@ -47,11 +88,15 @@ class LowerProblem:
         r"""Return :math:`g(x, y)` and :math:`\nabla_y g(x, y)`."""
         return value_and_grad_y(self.objective, x, y, create_graph=create_graph)
 
-    def _constraints_for(self, y_flat: List[torch.Tensor]) -> List[Optional[Constraint]]:
+    def _constraints_for(self, y_flat: List[torch.Tensor], spec: Any = None) -> List[Optional[Constraint]]:
         if self.constraint is None:
             return [None] * len(y_flat)
         if isinstance(self.constraint, Constraint):
             return [self.constraint] * len(y_flat)
+        if spec is not None:
+            out: List[Optional[Constraint]] = [None] * len(y_flat)
+            _assign(self.constraint, pytree.tree_unflatten(list(range(len(y_flat))), spec), out, "the root")
+            return out
         cs, _ = pytree.tree_flatten(self.constraint, is_leaf=_is_constraint_leaf)
         if len(cs) != len(y_flat):
             raise ValueError(
@@ -64,20 +109,24 @@ class LowerProblem:
         if self.constraint is None:
             return y
         y_flat, spec = leaves(y)
-        return unflatten([t if c is None else c.project(t) for c, t in zip(self._constraints_for(y_flat), y_flat)],
+        return unflatten([t if c is None else c.project(t) for c, t in zip(self._constraints_for(y_flat, spec), y_flat)],
                          spec)
 
-    def free_mask(self, y_flat: List[torch.Tensor], tol: float = 0.0) -> Optional[List[torch.Tensor]]:
-        """Per-leaf boolean masks of free (strictly interior) coordinates, or ``None`` if unconstrained."""
+    def free_mask(self, y_flat: List[torch.Tensor], tol: float = 0.0, spec: Any = None) -> Optional[List[torch.Tensor]]:
+        """Per-leaf boolean masks of free (strictly interior) coordinates, or ``None`` if unconstrained.
+
+        ``spec`` (the lower variable's tree spec) lets a constraint tree be matched by structure (dict
+        keys); without it the constraint tree's leaves are matched to ``y_flat`` by position.
+        """
         if self.constraint is None:
             return None
         return [torch.ones_like(t, dtype=torch.bool) if c is None else c.free_mask(t, tol)
-                for c, t in zip(self._constraints_for(y_flat), y_flat)]
+                for c, t in zip(self._constraints_for(y_flat, spec), y_flat)]
 
     def check(self, y: Tree) -> None:
         """Validate a lower variable against the constraint's shapes (no host sync)."""
-        y_flat, _ = leaves(y)
-        for c, t in zip(self._constraints_for(y_flat), y_flat):
+        y_flat, spec = leaves(y)
+        for c, t in zip(self._constraints_for(y_flat, spec), y_flat):
             if not t.is_floating_point():
                 raise TypeError(f"LowerProblem: the lower variable must be floating point, got {t.dtype}")
             if c is not None:

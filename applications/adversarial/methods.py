@@ -267,7 +267,7 @@ class FastBAT(TrainingMethod):
 
     @property
     def strategy(self) -> bl.Linearized:
-        return bl.Linearized(step=self.attack_step, lam=self.lam)
+        return bl.Linearized(step=self.attack_step, lam=self.lam, mask_tol=self.mask_tol)
 
     def perturbation(self, model: nn.Module, x: Tensor, y: Tensor, *, generator: Generator = None) -> Tensor:
         r""":math:`\delta^\star(\theta)`, carrying the implicit derivative in its autograd graph."""
@@ -276,11 +276,7 @@ class FastBAT(TrainingMethod):
         params = _params(model)
         with bn_stats_frozen(model, not self.update_bn_on_attack):
             z = attack.solver.run(attack, params, uniform_start(x, self.eps, generator))
-            delta = bl.solve(attack, params, z, self.strategy, check_finite=False)
-        if self.mask_tol is not None and delta.requires_grad:
-            # same value; the derivative kept only on coordinates strictly inside by more than mask_tol
-            delta = torch.where(constraint.free_mask(delta.detach(), self.mask_tol), delta, delta.detach())
-        return delta
+            return bl.solve(attack, params, z, self.strategy, check_finite=False)
 
 
 @dataclass

@@ -8,7 +8,7 @@ from typing import Any, List, Optional, Tuple
 import torch
 
 from .._autodiff import Linearization
-from .._tree import Tree, leaves, to_vector, unflatten
+from .._tree import Tree, is_functorch_mode, leaves, leaves_like, to_vector, unflatten
 from ..linalg import CG, LinearSolveInfo, LinearSolver
 from ..problem import LowerProblem
 from .base import Strategy
@@ -34,7 +34,9 @@ class Implicit(Strategy):
 
     The forward pass runs ``lower.solver`` without a graph. The backward pass linearizes
     :math:`\nabla_y g` once at :math:`(x, y^\star)` and calls ``linear_solver`` on Hessian-vector
-    products (double backward; ``torch.func.vjp`` under function transforms).
+    products (double backward; ``torch.func.vjp`` under function transforms). Under plain autograd the
+    hypergradient is differentiable once (``create_graph=True`` through it raises); under ``torch.func``
+    the backward is itself differentiable, so ``torch.func.jacrev(torch.func.grad(F))`` works.
 
     Args:
         linear_solver: :class:`~bilevel.CG` (default), :class:`~bilevel.Neumann` or :class:`~bilevel.DenseSolve`.
@@ -44,7 +46,8 @@ class Implicit(Strategy):
 
     Attributes:
         last_info: :class:`~bilevel.LinearSolveInfo` of the latest backward pass (tensors: reading
-            them synchronizes, so do it outside hot loops).
+            them synchronizes, so do it outside hot loops). It is state on the strategy object: use one
+            object per thread, and under ``vmap`` it holds the last batch's unbatched values.
     """
 
     linear_solver: LinearSolver = field(default_factory=CG)
@@ -69,7 +72,7 @@ class Implicit(Strategy):
         r"""Vector-Jacobian product :math:`v \mapsto v^\top \mathrm{d}y^\star/\mathrm{d}x` at the solution."""
         lin = Linearization(lower.objective, x_flat, x_spec, y_flat, y_spec)
         v = to_vector([t.to(y.dtype) for t, y in zip(v_flat, y_flat)])
-        masks = lower.free_mask(y_flat, self.mask_tol)
+        masks = lower.free_mask(y_flat, self.mask_tol, y_spec)
         rho = self.damping
         if masks is None:
             def matvec(p: torch.Tensor) -> torch.Tensor:
@@ -110,7 +113,8 @@ class _ImplicitSolution(torch.autograd.Function):
         x = unflatten(list(tensors[:n_x]), x_spec)
         init = unflatten(list(tensors[n_x:]), y_spec)
         y = lower.solver.run(lower, x, init, differentiable_steps=0)
-        y_flat, _ = leaves(y)
+        # the output is unflattened with init's structure: put the solver's leaves in that order
+        y_flat = leaves_like(y, y_spec, "lower solution returned by the solver (compared with init)")
         return tuple(t.detach() for t in y_flat)
 
     @staticmethod
@@ -126,6 +130,14 @@ class _ImplicitSolution(torch.autograd.Function):
         strategy, lower, x_spec, y_spec, n_x = ctx.meta
         saved = ctx.saved_tensors
         x_flat, y_flat = list(saved[:n_x]), list(saved[n_x:])
+        if torch.is_grad_enabled() and not is_functorch_mode(list(saved) + [v for v in v_flat if v is not None]):
+            # backward(create_graph=True) under plain autograd: the products below are built on detached
+            # copies, so a graph-carrying result would silently miss its dependence on x and v.
+            raise RuntimeError(
+                "Implicit: double backward (create_graph=True) through the implicit hypergradient is not supported "
+                "under plain autograd; use torch.func (e.g. torch.func.jacrev(torch.func.grad(F))) or Unrolled "
+                "for second derivatives"
+            )
         v_flat = [torch.zeros_like(y) if v is None else v for v, y in zip(v_flat, y_flat)]
         grads = strategy.backward(lower, x_flat, x_spec, y_flat, y_spec, v_flat)
         return (None, *grads, *([None] * ctx.n_init))

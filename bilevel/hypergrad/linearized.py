@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 
 from .._autodiff import detach_tree
-from .._tree import Tree, tree_map
+from .._tree import Tree, leaves, tree_map, unflatten
 from ..problem import LowerProblem
 from .base import Strategy
 
@@ -43,24 +43,30 @@ class Linearized(Strategy):
             no second-order graph is built.
         sign: use :math:`\mathrm{sign}\,\nabla_y g` as the linear term (Fast-AT's FGSM step). The sign has
             zero derivative, so the hypergradient is the first-order one.
+        mask_tol: ``None`` (default): :math:`H_C` is the clamp's own derivative, which counts a coordinate
+            lying exactly on a bound as free. A float ``t``: only coordinates more than ``t`` inside both
+            bounds are free (the official Fast-BAT code uses a strict interior with ``t = 1e-7``).
     """
 
     step: float
     lam: Optional[float] = None
     sign: bool = False
+    mask_tol: Optional[float] = None
 
     def __post_init__(self) -> None:
         if not self.step > 0:
             raise ValueError(f"Linearized: step must be > 0, got {self.step}")
         if self.lam is not None and not self.lam > 0:
             raise ValueError(f"Linearized: lam must be > 0 (math.inf drops the implicit term), got {self.lam}")
+        if self.mask_tol is not None and not self.mask_tol >= 0:
+            raise ValueError(f"Linearized: mask_tol must be None or >= 0, got {self.mask_tol}")
 
     @property
     def ig_scale(self) -> float:
-        r"""The factor :math:`1/\lambda` of the implicit term (0 when it is dropped)."""
+        r"""The factor :math:`1/\lambda` of the implicit term (0 when it is dropped; ``step`` when ``lam`` is None)."""
         if self.sign:
             return 0.0
-        return 1.0 / self.step if self.lam is None else (0.0 if math.isinf(self.lam) else 1.0 / self.lam)
+        return self.step if self.lam is None else (0.0 if math.isinf(self.lam) else 1.0 / self.lam)
 
     def solve(self, lower: LowerProblem, x: Tree, init: Tree) -> Tree:
         scale = self.ig_scale
@@ -72,9 +78,15 @@ class Linearized(Strategy):
             u = tree_map(lambda t, d: t - step * d.sign(), z, grad)
         elif not differentiable:
             u = tree_map(lambda t, d: t - step * d.detach(), z, grad)
-        elif scale == 1.0 / step:
+        elif scale == step:
             u = tree_map(lambda t, d: t - step * d, z, grad)
         else:
             # value z - step * d, derivative -scale * dd
             u = tree_map(lambda t, d: t - (step - scale) * d.detach() - scale * d, z, grad)
-        return lower.project(u)
+        y = lower.project(u)
+        if differentiable and self.mask_tol is not None and lower.constraint is not None:
+            # same value; the derivative kept only on coordinates more than mask_tol inside the bounds
+            y_flat, spec = leaves(y)
+            masks = lower.free_mask([t.detach() for t in y_flat], self.mask_tol, spec)
+            y = unflatten([torch.where(m, t, t.detach()) for m, t in zip(masks, y_flat)], spec)
+        return y

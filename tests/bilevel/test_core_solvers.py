@@ -1,0 +1,73 @@
+r"""Lower-level solvers: one step each against its formula, convergence, and the graph of ``run``."""
+
+from __future__ import annotations
+
+import torch
+
+import bilevel as bl
+
+
+def _quadratic(n: int = 4, m: int = 3):
+    Q, _ = torch.linalg.qr(torch.randn(n, n))
+    H = Q @ torch.diag(torch.linspace(1.0, 3.0, n)) @ Q.T
+    C = torch.randn(m, n)
+    return H, C, (lambda x, y: 0.5 * y @ H @ y + x @ C @ y)
+
+
+def test_gradient_descent_step_and_convergence():
+    H, C, g = _quadratic()
+    x, y0 = torch.randn(3), torch.randn(4)
+    lower = bl.LowerProblem(g, solver=bl.GradientDescent(0.3, 1))
+    y1 = lower.solver.step(lower, x, y0, create_graph=False)
+    assert torch.allclose(y1, y0 - 0.3 * (H @ y0 + C.T @ x), rtol=1e-14)
+    lower = bl.LowerProblem(g, solver=bl.GradientDescent(0.3, 200))
+    y = lower.solver.run(lower, x, y0)
+    assert torch.allclose(y, -torch.linalg.solve(H, C.T @ x), rtol=1e-12)
+    assert not y.requires_grad
+
+
+def test_projected_and_signed_steps():
+    H, C, g = _quadratic()
+    x, y0 = torch.randn(3), 0.1 * torch.randn(4)
+    lo, hi = -0.2 * torch.ones(4), 0.25 * torch.ones(4)
+    lower = bl.LowerProblem(g, constraint=bl.Box(lo, hi))
+    grad = H @ y0 + C.T @ x
+    y_pg = bl.ProjectedGradient(0.3, 1).step(lower, x, y0, create_graph=False)
+    assert torch.equal(y_pg, torch.clamp(y0 - 0.3 * grad, lo, hi))
+    y_sg = bl.SignedProjectedGradient(0.05, 1).step(lower, x, y0, create_graph=False)
+    assert torch.equal(y_sg, torch.clamp(y0 - 0.05 * grad.sign(), lo, hi))
+    # projected gradient converges to the constrained minimizer: fixed point y = Proj(y - a grad)
+    lower = bl.LowerProblem(g, constraint=bl.Box(lo, hi), solver=bl.ProjectedGradient(0.3, 300))
+    y = lower.solver.run(lower, x, y0)
+    assert torch.allclose(y, torch.clamp(y - 0.3 * (H @ y + C.T @ x), lo, hi), rtol=0, atol=1e-14)
+
+
+def test_closed_form_solver():
+    H, C, g = _quadratic()
+    fn = lambda x: -torch.linalg.solve(H, C.T @ x)  # noqa: E731
+    lower = bl.LowerProblem(g, solver=bl.ClosedForm(fn))
+    x = torch.randn(3, requires_grad=True)
+    y = lower.solver.run(lower, x, torch.zeros(4))
+    assert not y.requires_grad and torch.allclose(y, fn(x.detach()))
+    y = lower.solver.run(lower, x, torch.zeros(4), differentiable_steps=1)
+    assert y.requires_grad
+
+
+def test_run_keeps_a_graph_only_for_the_last_steps():
+    """With differentiable_steps=T the result depends on x only through the last T steps."""
+    H, C, g = _quadratic()
+    a = 0.3
+    lower = bl.LowerProblem(g, solver=bl.GradientDescent(a, 5))
+    x = torch.randn(3, requires_grad=True)
+    y = lower.solver.run(lower, x, torch.zeros(4), differentiable_steps=2)
+    J = torch.stack([torch.autograd.grad(y[i], x, retain_graph=True)[0] for i in range(4)])
+    M = torch.eye(4) - a * H
+    assert torch.allclose(J, -a * (torch.eye(4) + M) @ C.T, rtol=1e-12)
+
+
+def test_zero_steps_returns_the_start():
+    H, C, g = _quadratic()
+    lower = bl.LowerProblem(g, solver=bl.GradientDescent(0.3, 0))
+    init = torch.randn(4)
+    y = bl.solve(lower, torch.randn(3), init, bl.FirstOrder())
+    assert torch.equal(y, init)
