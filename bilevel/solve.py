@@ -70,6 +70,7 @@ def value_and_hypergrad(upper: Callable[[Tree, Tree], torch.Tensor], lower: Lowe
         value = upper(x_in, y)
         if not isinstance(value, torch.Tensor) or value.ndim != 0:
             raise ValueError("value_and_hypergrad: the upper objective must return a scalar tensor")
-        grads = torch.autograd.grad(value, xs, allow_unused=True)
+        # e.g. FirstOrder with an f that depends on x only through y: the hypergradient is zero
+        grads = torch.autograd.grad(value, xs, allow_unused=True) if value.requires_grad else [None] * len(xs)
     grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, xs)]
     return value.detach(), unflatten(grads, x_spec)

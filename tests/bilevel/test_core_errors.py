@@ -120,3 +120,11 @@ def test_solver_output_structure_differs_from_init():
                             solver=bl.ClosedForm(lambda x: {"a": x.clone(), "c": x.clone()}))
     with pytest.raises(ValueError, match=r"lower solution returned by the solver \(compared with init\) has structure"):
         bl.solve(lower, torch.ones(2), {"a": torch.zeros(2), "b": torch.zeros(2)}, bl.Implicit())
+
+
+def test_value_and_hypergrad_first_order_with_upper_independent_of_x_is_zero():
+    x = torch.tensor([0.5, -1.0])
+    lower = bl.LowerProblem(lambda x, y: 0.5 * ((y - x) ** 2).sum(), solver=bl.GradientDescent(0.5, 50))
+    value, grad = bl.value_and_hypergrad(lambda x, y: (y**2).sum(), lower, x, torch.zeros(2), bl.FirstOrder())
+    torch.testing.assert_close(value, (x**2).sum())
+    assert torch.equal(grad, torch.zeros(2))
