@@ -1,0 +1,103 @@
+"""The commands and paths the documentation gives exist and are accepted.
+
+* every repository path a page mentions (``applications/.../x.py``, ``.../configs/y.yaml``,
+  ``benchmarks/z.py``; ``{a,b}`` alternatives expanded) exists;
+* every ``applications/adversarial/train.py`` command line in a ```bash block parses: its ``--config``
+  exists and its ``key=value`` overrides pass the trainer's configuration validation (no training runs);
+* every ``--flag`` given to another Python script of the repository in a ```bash block is one that
+  script defines (``"--flag"`` appears in its source).
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+from typing import Iterator, List, Tuple
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCS = ROOT / "docs"
+PAGES = sorted(DOCS.rglob("*.md"))
+_PATH = re.compile(r"\b((?:applications|benchmarks|bilevel|tests)/[\w./{},\-]*\.(?:py|yaml))")
+_BASH = re.compile(r"^```bash[ \t]*\n(.*?)^```[ \t]*$", re.M | re.S)
+
+
+def _expand(path: str) -> List[str]:
+    m = re.search(r"\{([^{}]*)\}", path)
+    if m is None:
+        return [path]
+    return [q for alt in m.group(1).split(",") for q in _expand(path[: m.start()] + alt + path[m.end():])]
+
+
+def _mentioned_paths() -> Iterator[Tuple[str, str]]:
+    for page in PAGES:
+        for raw in _PATH.findall(page.read_text(encoding="utf-8")):
+            for path in _expand(raw):
+                yield page.relative_to(DOCS).as_posix(), path
+
+
+def _train_commands() -> Iterator[Tuple[str, List[str]]]:
+    for page in PAGES:
+        for block in _BASH.findall(page.read_text(encoding="utf-8")):
+            for line in block.replace("\\\n", " ").splitlines():
+                line = line.split(" #")[0].strip()
+                if "applications/adversarial/train.py" in line:
+                    tokens = shlex.split(line)
+                    i = next(k for k, t in enumerate(tokens) if t.endswith("applications/adversarial/train.py"))
+                    yield page.relative_to(DOCS).as_posix(), tokens[i + 1:]
+
+
+def _script_flags() -> Iterator[Tuple[str, str, str]]:
+    """(page, script, --flag) for every flag passed to a repository script in a ```bash block."""
+    for page in PAGES:
+        for block in _BASH.findall(page.read_text(encoding="utf-8")):
+            for line in block.replace("\\\n", " ").splitlines():
+                tokens = shlex.split(line.split(" #")[0])
+                scripts = [k for k, t in enumerate(tokens) if _PATH.fullmatch(t) and t.endswith(".py")]
+                for k in scripts:
+                    for t in tokens[k + 1:]:
+                        if t.startswith("--"):
+                            yield page.relative_to(DOCS).as_posix(), tokens[k], t.split("=")[0]
+
+
+def test_the_docs_mention_paths_and_commands() -> None:
+    assert len(list(_mentioned_paths())) > 5
+    assert len(list(_train_commands())) > 3
+    assert len(list(_script_flags())) > 5
+
+
+@pytest.mark.parametrize("page,script,flag", sorted(set(_script_flags())))
+def test_script_flag_exists(page: str, script: str, flag: str) -> None:
+    source = (ROOT / script).read_text(encoding="utf-8")
+    assert f'"{flag}"' in source, f"{page}: {script} has no option {flag}"
+
+
+@pytest.mark.parametrize("page,path", sorted(set(_mentioned_paths())))
+def test_mentioned_path_exists(page: str, path: str) -> None:
+    assert (ROOT / path).exists(), f"{page} mentions {path}, which does not exist"
+
+
+@pytest.mark.parametrize("page,args", list(_train_commands()), ids=lambda v: v if isinstance(v, str) else " ".join(v))
+def test_train_command_is_valid(page: str, args: List[str], tmp_path: Path) -> None:
+    config = pytest.importorskip("applications.adversarial.config")
+    cfg_path, overrides = None, []
+    it = iter(args)
+    for token in it:
+        if token in ("--config", "--resume"):
+            value = next(it)
+            if token == "--config":
+                cfg_path = ROOT / value
+                assert cfg_path.is_file(), f"{page}: --config {value} does not exist"
+        elif token == "--no-progress":
+            continue
+        elif token.startswith("--"):
+            pytest.fail(f"{page}: train.py has no documented flag {token}")
+        else:
+            key, _, value = token.partition("=")
+            assert _, f"{page}: {token!r} is not a key=value override"
+            if key == "data.path":  # the reader's own path: stand in an existing one
+                token = f"data.path={tmp_path}"
+            overrides.append(token)
+    config.load_config(cfg_path or config.QUICKSTART, overrides)
