@@ -38,18 +38,21 @@ def _shape(b: Bound) -> torch.Size:
 
 
 def _maximum(a: Bound, b: Bound) -> Bound:
+    # torch.clamp with a Python-number bound: no host-to-device copy (torch.as_tensor(float, device=cuda) syncs)
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return torch.maximum(a, b)
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        ref = a if isinstance(a, torch.Tensor) else b
-        return torch.maximum(torch.as_tensor(a, dtype=ref.dtype, device=ref.device),
-                             torch.as_tensor(b, dtype=ref.dtype, device=ref.device))
+        t, c = (a, b) if isinstance(a, torch.Tensor) else (b, a)
+        return torch.clamp(t, min=float(c))
     return max(float(a), float(b))
 
 
 def _minimum(a: Bound, b: Bound) -> Bound:
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return torch.minimum(a, b)
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        ref = a if isinstance(a, torch.Tensor) else b
-        return torch.minimum(torch.as_tensor(a, dtype=ref.dtype, device=ref.device),
-                             torch.as_tensor(b, dtype=ref.dtype, device=ref.device))
+        t, c = (a, b) if isinstance(a, torch.Tensor) else (b, a)
+        return torch.clamp(t, max=float(c))
     return min(float(a), float(b))
 
 

@@ -13,7 +13,7 @@ The lower problem is strongly convex; it is solved by gradient descent warm-star
 outer iteration, and :math:`\mathrm{d}F/\mathrm{d}x` comes from :class:`bilevel.Implicit` (conjugate
 gradient on Hessian-vector products). The outer optimizer is ``torch.optim.Adam`` on :math:`x`.
 
-Run: ``python -m applications.hyperopt`` (about 2 s on 2 CPU cores).
+Run: ``python -m applications.hyperopt`` (about 5 s on 2 idle CPU cores).
 """
 
 from __future__ import annotations

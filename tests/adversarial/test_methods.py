@@ -365,7 +365,8 @@ def test_attack_passes_do_not_touch_bn_stats(name: str) -> None:
         model = tiny_cnn(bn=True)
         model.train()
         before = bn_state(model)
-        method = build_method(name, eps=0.05, update_bn_on_attack=update)
+        extra = {"ga_coef": 0.2} if name == "grad_align" else {}
+        method = build_method(name, eps=0.05, update_bn_on_attack=update, **extra)
         loss, _ = method.loss(model, x, y, generator=gen())
         loss.backward()
         results[update] = (int(model[1].num_batches_tracked), grads(model))
@@ -422,7 +423,7 @@ def test_methods_run_under_bf16_autocast(name: str) -> None:
 
 
 @pytest.mark.parametrize("name, forwards", [("standard", 1), ("fast_at", 2), ("fast_bat", 3), ("pgd", 4), ("n_fgsm", 2),
-                                            ("grad_align", 4)])
+                                            ("grad_align", 3)])  # GradAlign: FGSM reuses the clean input gradient
 def test_number_of_forward_passes(name: str, forwards: int) -> None:
     """The cost floor: e.g. Fast-BAT = one input-gradient pass to z, one gradient at z kept for the double
     backward, one training pass (no second forward at x + delta*)."""
@@ -434,3 +435,16 @@ def test_number_of_forward_passes(name: str, forwards: int) -> None:
     loss, _ = build_method(name, eps=8 / 255, **options).loss(model, x, y)
     loss.backward()
     assert len(calls) == forwards
+
+
+def test_grad_align_default_coefficient_only_at_published_radii() -> None:
+    assert build_method("grad_align", eps=8 / 255).ga_coef == 0.2
+    assert build_method("grad_align", eps=16 / 255).ga_coef == 2.0
+    with pytest.raises(ValueError, match="no published ga_coef"):
+        build_method("grad_align", eps=10 / 255)
+    assert build_method("grad_align", eps=10 / 255, ga_coef=0.5).ga_coef == 0.5
+
+
+def test_fast_bat_lam_zero_points_to_lam_none() -> None:
+    with pytest.raises(ValueError, match="pass lam=None"):
+        build_method("fast_bat", eps=8 / 255, lam=0)

@@ -85,3 +85,10 @@ def test_check_shape():
         bl.Box(torch.zeros(3), 1.0).check_shape(torch.zeros(4))
     with pytest.raises(ValueError, match=r"upper bound of shape \(2, 4\)"):
         bl.Box(0.0, torch.ones(2, 4)).check_shape(torch.zeros(4))
+
+
+def test_intersection_with_a_float_bound_keeps_tensor_bounds_exact():
+    x = torch.rand(3, 4)
+    c = bl.LInfBall(0.0, 0.1, check=False) & bl.Box(-x, 1 - x, check=False)
+    torch.testing.assert_close(c.lower, torch.maximum(torch.full_like(x, -0.1), -x), rtol=0, atol=0)
+    torch.testing.assert_close(c.upper, torch.minimum(torch.full_like(x, 0.1), 1 - x), rtol=0, atol=0)
