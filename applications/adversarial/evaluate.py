@@ -1,0 +1,179 @@
+"""Command line: evaluate a checkpoint's clean and robust test accuracy.
+
+    python applications/adversarial/evaluate.py runs/quickstart                 # best.pt of the run (else last.pt)
+    python applications/adversarial/evaluate.py runs/x/last.pt --n 1000 --attacks clean,pgd,autoattack
+    python applications/adversarial/evaluate.py ckpt.pt --data-path /data/cifar10 --eps 8/255
+
+The checkpoint is loaded with ``torch.load(weights_only=True)``; the model and the test data are
+rebuilt from the configuration stored in it (``--data-path`` replaces the data location). Attacks:
+
+* ``clean``: accuracy on the unperturbed images;
+* ``pgd``: PGD-``--pgd-steps`` with ``--pgd-restarts`` random restarts, step ``--pgd-step-size``
+  (default eps/4): the paper's PGD-50-10, in eval mode, on the first ``--n`` test images;
+* ``autoattack``: standard AutoAttack through ``pyautoattack`` (``pip install "bilevel[autoattack]"``);
+  skipped with a message when it is not installed.
+
+The PGD random starts are seeded like the trainer's final test, so on the same subset and device the
+numbers match the run's ``results.json``. Prints a table and writes JSON (``--output``, default
+``<checkpoint dir>/eval_<checkpoint name>.json``). Exit code 2 on a bad checkpoint/config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+if __package__ in (None, ""):  # run as a script (see train.py)
+    _here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
+    sys.path.insert(0, str(_here.parents[1]))
+
+import torch  # noqa: E402
+
+from applications.adversarial import checkpoint as ckpt_lib  # noqa: E402
+from applications.adversarial.config import ConfigError, as_float, load_config  # noqa: E402
+from applications.adversarial.distributed import DistContext, resolve_device  # noqa: E402
+from applications.adversarial.trainer import (  # noqa: E402
+    _TAG_TEST,
+    EXIT_CONFIG,
+    build_run_model,
+    evaluate_clean,
+    evaluate_robust,
+    format_table,
+    load_run_data,
+    mix_seed,
+)
+
+ATTACKS = ("clean", "pgd", "autoattack")
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A checkpoint file, or a run directory's best.pt (else last.pt)."""
+    if path.is_dir():
+        for name in ("best.pt", "last.pt"):
+            if (path / name).is_file():
+                return path / name
+        raise FileNotFoundError(f"no best.pt or last.pt in {path}")
+    return path
+
+
+def evaluate_checkpoint(path: Path, attacks: List[str], n: Optional[int] = None, batch_size: Optional[int] = None,
+                        eps: Optional[float] = None, data_path: Optional[str] = None, device: Optional[str] = None,
+                        pgd_steps: int = 50, pgd_restarts: int = 10, pgd_step_size: Optional[float] = None,
+                        aa_version: str = "standard", log: Any = print) -> Dict[str, Any]:
+    """Evaluates the checkpoint at ``path``; returns the JSON-able results."""
+    path = resolve_checkpoint(path)
+    ck = ckpt_lib.load(path, map_location="cpu")
+    if "config" not in ck or "model" not in ck:
+        raise ckpt_lib.CheckpointError(f"{path} has no stored config/model (not written by the trainer)")
+    overrides = [] if data_path is None else [f"data.path={data_path}"]
+    cfg = load_config(None, overrides, base=ck["config"])
+    dev = resolve_device(device or cfg.device)
+    if cfg.cpu_threads and dev.type == "cpu":
+        torch.set_num_threads(cfg.cpu_threads)
+    ctx = DistContext(rank=0, world_size=1, local_rank=0, device=dev, enabled=False)
+    data = load_run_data(cfg, dev, need_train=False)
+    info = ck.get("data_info") or data.info
+    model = build_run_model(cfg, info).to(dev)
+    model.load_state_dict(ck["model"])
+    model.eval()
+    eps = cfg.eps if eps is None else float(eps)
+    n = cfg.eval.test_n if n is None else n
+    n = len(data.test) if n is None else min(int(n), len(data.test))
+    bs = batch_size or cfg.eval.batch_size
+    out: Dict[str, Any] = {"checkpoint": str(path), "epoch": ck.get("epoch"), "method": cfg.method.name,
+                           "model": cfg.model.name, "data": cfg.data.name, "eps": eps, "n": n, "results": {}}
+    rows = []
+    for attack in attacks:
+        t0 = time.perf_counter()
+        if attack == "clean":
+            acc, _ = evaluate_clean(model, data.test, bs, ctx, n=n)
+            res: Dict[str, Any] = {"accuracy": acc}
+            label = "clean"
+        elif attack == "pgd":
+            r = evaluate_robust(model, data.test, n, eps, pgd_steps, pgd_restarts, pgd_step_size, bs,
+                                mix_seed(cfg.seed, _TAG_TEST), ctx)
+            res = {"accuracy": r["robust_acc"], "clean_acc": r["clean_acc"], "steps": pgd_steps,
+                   "restarts": pgd_restarts, "step_size": pgd_step_size if pgd_step_size is not None else eps / 4}
+            label = f"PGD-{pgd_steps}-{pgd_restarts}"
+        else:
+            from applications.adversarial.attacks import autoattack_accuracy
+
+            label = f"AutoAttack ({aa_version})"
+            try:
+                version: Any = aa_version if aa_version in ("standard", "plus", "rand") else aa_version.split(",")
+                r = autoattack_accuracy(model, data.test.x[:n], data.test.y[:n], eps, version=version,
+                                        batch_size=bs, seed=cfg.seed, device=dev)
+                res = {"accuracy": r["robust_acc"], "clean_acc": r["clean_acc"], "version": aa_version}
+            except ImportError as exc:
+                log(f"AutoAttack skipped: {exc}")
+                res = {"accuracy": None, "skipped": str(exc)}
+        res["time_s"] = time.perf_counter() - t0
+        out["results"][attack] = res
+        rows.append([label, n, "skipped" if res["accuracy"] is None else res["accuracy"], f"{res['time_s']:.1f}"])
+    log(f"{path} (epoch {ck.get('epoch')}, {cfg.method.name} / {cfg.model.name} / {cfg.data.name}, eps {eps:.5g}):")
+    log(format_table(rows, ["attack", "n", "accuracy", "time_s"]))
+    return out
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("checkpoint", type=Path, help="a .pt checkpoint or a run directory")
+    p.add_argument("--n", type=int, default=None, help="first N test images (default: eval.test_n of the run)")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--eps", type=str, default=None, help="attack radius, e.g. 8/255 (default: the run's)")
+    p.add_argument("--attacks", type=str, default="clean,pgd", help=f"comma-separated subset of {','.join(ATTACKS)}")
+    p.add_argument("--pgd-steps", type=int, default=50)
+    p.add_argument("--pgd-restarts", type=int, default=10)
+    p.add_argument("--pgd-step-size", type=str, default=None, help="default eps/4")
+    p.add_argument("--aa-version", type=str, default="standard",
+                   help="standard | plus | rand, or a comma list of attacks (apgd-ce,apgd-t: cheap, not RA-AA)")
+    p.add_argument("--data-path", type=str, default=None, help="where the test data is (replaces the stored path)")
+    p.add_argument("--device", type=str, default=None, help="auto | cpu | cuda (default: the run's)")
+    p.add_argument("--output", type=Path, default=None, help="JSON output path")
+    args = p.parse_args(argv)
+
+    problems = []
+    attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
+    bad = [a for a in attacks if a not in ATTACKS]
+    if bad or not attacks:
+        problems.append(f"--attacks: unknown {bad}; choose from {', '.join(ATTACKS)}")
+    eps = step = None
+    if args.eps is not None:
+        eps = as_float(args.eps)
+        if eps is None or not 0 < eps <= 1:
+            problems.append(f"--eps: expected a number in (0, 1] such as 8/255, got {args.eps!r}")
+    if args.pgd_step_size is not None:
+        step = as_float(args.pgd_step_size)
+        if step is None or step <= 0:
+            problems.append(f"--pgd-step-size: expected a positive number, got {args.pgd_step_size!r}")
+    for name in ("n", "batch_size", "pgd_steps", "pgd_restarts"):
+        v = getattr(args, name)
+        if v is not None and v <= 0:
+            problems.append(f"--{name.replace('_', '-')}: must be positive, got {v}")
+    if problems:
+        print("error: " + "; ".join(problems), file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        out = evaluate_checkpoint(args.checkpoint, attacks, n=args.n, batch_size=args.batch_size, eps=eps,
+                                  data_path=args.data_path, device=args.device, pgd_steps=args.pgd_steps,
+                                  pgd_restarts=args.pgd_restarts, pgd_step_size=step, aa_version=args.aa_version,
+                                  log=lambda m: print(m, flush=True))
+    except (ConfigError, ckpt_lib.CheckpointError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    ckpt = Path(out["checkpoint"])
+    dest = args.output or ckpt.parent / f"eval_{ckpt.stem}.json"
+    dest.write_text(json.dumps(out, indent=2))
+    print(f"written: {dest}")
+    return 0
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(True)
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""Command line: train a model adversarially (or resume a run).
+
+    python applications/adversarial/train.py                               # the quickstart config
+    python applications/adversarial/train.py --config configs/fast_bat_cifar10_8.yaml data.path=/data/cifar10
+    python applications/adversarial/train.py --resume runs/<name>          # continue from runs/<name>/last.pt
+    torchrun --nproc_per_node 2 applications/adversarial/train.py --config ...   # data parallel
+
+Overrides are ``key.sub=value`` (YAML values; fractions such as ``method.eps=8/255`` work). With
+``--resume RUN_DIR`` the run's stored config is the base (``--config`` and overrides may change
+anything but the model, the dataset and the method/eps, which must match the checkpoint; e.g.
+``train.epochs=30`` extends a run, and the cyclic schedule is then recomputed over the new length).
+``train.batch_size`` is the global batch, split evenly over torchrun's processes.
+
+Exit codes: 0 done, 2 invalid configuration / unusable run directory or checkpoint, 3 training diverged
+(NaN/Inf loss; the last good checkpoint is kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+if __package__ in (None, ""):  # run as a script: drop this folder from the path (its data.py etc. would
+    _here = Path(__file__).resolve().parent  # shadow top-level modules) and make the repo importable
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
+    sys.path.insert(0, str(_here.parents[1]))
+
+from applications.adversarial.checkpoint import CheckpointError, load  # noqa: E402
+from applications.adversarial.config import QUICKSTART, ConfigError, load_config, read_yaml  # noqa: E402
+from applications.adversarial.trainer import (  # noqa: E402
+    EXIT_CONFIG,
+    EXIT_DIVERGED,
+    RunDirError,
+    TrainingDiverged,
+    train,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--config", type=Path, default=None, help=f"YAML config (default: {QUICKSTART.name}, or the "
+                   "resumed run's config)")
+    p.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.resume is not None:
+            last = args.resume / "last.pt"
+            if not last.is_file():
+                raise RunDirError(f"cannot resume: {last} does not exist")
+            base = load(last)["config"]
+            if args.config is not None:
+                base = read_yaml(args.config)
+            cfg = load_config(None, args.overrides, base=base)
+            results = train(cfg, run_dir=args.resume, resume=True, progress=False if args.no_progress else None)
+        else:
+            cfg = load_config(args.config or QUICKSTART, args.overrides)
+            results = train(cfg, progress=False if args.no_progress else None)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except (RunDirError, CheckpointError, FileNotFoundError, ImportError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except TrainingDiverged as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_DIVERGED
+    if os.environ.get("RANK", "0") == "0":
+        print(f"results: {Path(results['run_dir']) / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

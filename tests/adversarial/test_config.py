@@ -1,0 +1,113 @@
+"""Config schema: every problem reported at once, overrides, and train.py's exit code on a bad config."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from applications.adversarial.config import (
+    CONFIG_DIR,
+    QUICKSTART,
+    Config,
+    ConfigError,
+    apply_overrides,
+    config_to_dict,
+    load_config,
+    parse_override,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+TRAIN = REPO / "applications" / "adversarial" / "train.py"
+
+
+def problems_of(overrides, base=None):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides, base=base or {"method": {"name": "fast_bat", "eps": 0.3}})
+    return info.value.problems
+
+
+def test_every_problem_is_listed_once():
+    probs = problems_of([
+        "trian.epochs=3",                 # unknown section
+        "train.lr_mx=0.1",                # unknown key
+        "method.name=fast_bta",           # unknown method
+        "method.eps=1.5",                 # eps > 1
+        "train.lr_max=-0.1",              # negative lr
+        "train.epochs=-2",                # negative epochs
+        "data.name=cifar10",              # needs a path
+        "model.name=resnet9000",          # unknown model
+        "train.batch_size=big",           # wrong type
+    ])
+    text = "\n".join(probs)
+    assert len(probs) == 9, text
+    assert "unknown key 'trian' (did you mean 'train'?)" in text
+    assert "unknown key 'train.lr_mx' (did you mean 'lr_max'?)" in text
+    assert "unknown method 'fast_bta' (did you mean 'fast_bat'?)" in text
+    assert "method.eps: must be in [0, 1]" in text
+    assert "train.lr_max: must be >= 0" in text
+    assert "train.epochs: must be > 0" in text
+    assert "data.path: dataset 'cifar10' needs a path" in text
+    assert "model.name: unknown model 'resnet9000'" in text
+    assert "train.batch_size: expected int, got str 'big'" in text
+
+
+def test_method_options_are_checked_against_the_method_dataclass():
+    probs = problems_of(["method.lam=-1", "method.attack_stp=0.1"])
+    text = "\n".join(probs)
+    assert "method.lam: must be >= 0" in text
+    assert "unknown key 'method.attack_stp' for method 'fast_bat' (did you mean 'attack_step'?)" in text
+    # a method without an eps needs the evaluation radius
+    assert "eval.eps" in "\n".join(problems_of([], base={"method": {"name": "standard"}}))
+    # the detector's own checks surface as config problems
+    assert any(p.startswith("co:") for p in problems_of(["co.patience=0"]))
+
+
+def test_missing_file_path_for_folder_datasets(tmp_path):
+    probs = problems_of(["data.name=npz", f"data.path={tmp_path / 'nope.npz'}"])
+    assert probs == [f"data.path: {str(tmp_path / 'nope.npz')!r} does not exist"]
+
+
+def test_overrides_parse_yaml_values_and_fractions():
+    assert parse_override("train.lr_max=0.1") == (["train", "lr_max"], 0.1)
+    assert parse_override("train.nesterov=true") == (["train", "nesterov"], True)
+    assert parse_override("train.lr_milestones=[5, 8]") == (["train", "lr_milestones"], [5, 8])
+    assert parse_override("output.name=") == (["output", "name"], None)
+    raw = apply_overrides({"train": {"epochs": 1}}, ["train.epochs=4", "data.augmentation.flip=true"])
+    assert raw == {"train": {"epochs": 4}, "data": {"augmentation": {"flip": True}}}
+    cfg = load_config(None, ["method.name=fast_at", "method.eps=8/255", "model.width=8", "eval.eps=16/255"])
+    assert cfg.method.options["eps"] == pytest.approx(8 / 255, rel=1e-15)
+    assert cfg.model.options == {"width": 8}
+    assert cfg.eps == pytest.approx(16 / 255, rel=1e-15)
+    # a whole section can be replaced (switching method drops the old method's options)
+    cfg = load_config(QUICKSTART, ["method={name: pgd, eps: 0.3, steps: 2}"])
+    assert cfg.method.name == "pgd" and cfg.method.options == {"eps": 0.3, "steps": 2}
+    with pytest.raises(ConfigError, match="expected key.sub=value"):
+        parse_override("train.epochs")
+
+
+def test_round_trip_and_shipped_configs_are_valid():
+    cfg = load_config(QUICKSTART)
+    again = load_config(None, base=config_to_dict(cfg))
+    assert again == cfg and isinstance(again, Config)
+    for path in sorted(CONFIG_DIR.glob("*.yaml")):
+        raw = yaml.safe_load(path.read_text())
+        needs_path = raw.get("data", {}).get("name") not in ("mnist5k", "digits")
+        cfg = load_config(path, ["data.path=/data/x"] if needs_path else [])
+        assert cfg.train.epochs > 0, path
+
+
+def test_train_py_exits_2_on_bad_config(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("method: {name: fast_bat, eps: 3}\ntrain: {lr_max: -1, epochz: 3}\n")
+    proc = subprocess.run([sys.executable, str(TRAIN), "--config", str(bad), "data.name=svhn",
+                           f"output.dir={tmp_path}"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    err = proc.stderr
+    assert "invalid configuration (4 problems)" in err
+    for piece in ("method.eps", "train.lr_max", "unknown key 'train.epochz' (did you mean 'epochs'?)", "data.path"):
+        assert piece in err
+    assert not list(tmp_path.glob("*/last.pt"))  # nothing ran

@@ -1,0 +1,78 @@
+"""evaluate.py reproduces the trainer's final test numbers from the checkpoint alone."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+TRAIN = REPO / "applications" / "adversarial" / "train.py"
+EVALUATE = REPO / "applications" / "adversarial" / "evaluate.py"
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("eval")
+    cfg = {"seed": 1, "device": "cpu", "data": {"name": "digits", "n_val": 200},
+           "model": {"name": "small_cnn", "options": {"width": 8}}, "method": {"name": "fast_at", "eps": 0.2},
+           "train": {"epochs": 4, "batch_size": 64, "lr_max": 0.2},
+           "eval": {"val_n": 100, "test_n": 150, "test_steps": 10, "test_restarts": 2},
+           "output": {"dir": str(tmp), "name": "run"}}
+    (tmp / "c.yaml").write_text(yaml.safe_dump(cfg))
+    proc = subprocess.run([sys.executable, str(TRAIN), "--config", str(tmp / "c.yaml")], capture_output=True, text=True,
+                          timeout=300, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp / "run"
+
+
+def evaluate(*args: str):
+    return subprocess.run([sys.executable, str(EVALUATE), *args], capture_output=True, text=True, timeout=300, env=ENV)
+
+
+def test_evaluate_reproduces_the_trainer(run_dir):
+    results = json.loads((run_dir / "results.json").read_text())
+    out = run_dir / "e.json"
+    proc = evaluate(str(run_dir / "last.pt"), "--n", "150", "--pgd-steps", "10", "--pgd-restarts", "2",
+                    "--output", str(out))
+    assert proc.returncode == 0, proc.stderr
+    ev = json.loads(out.read_text())
+    last = results["test"]["last"]
+    assert ev["n"] == 150 and ev["epoch"] == last["epoch"] == 4
+    assert ev["results"]["clean"]["accuracy"] == last["clean_acc"]
+    # same subset, same seeded random starts, same device: the PGD number is reproduced exactly
+    assert ev["results"]["pgd"]["accuracy"] == last["robust_acc"]
+    assert ev["results"]["pgd"]["step_size"] == pytest.approx(0.05)
+    assert "PGD-10-2" in proc.stdout and "clean" in proc.stdout
+    # a run directory means its best checkpoint
+    proc = evaluate(str(run_dir), "--n", "150", "--attacks", "clean")
+    assert proc.returncode == 0, proc.stderr
+    ev_best = json.loads((run_dir / "eval_best.json").read_text())
+    assert ev_best["results"]["clean"]["accuracy"] == results["test"]["best"]["clean_acc"]
+
+
+def test_evaluate_rejects_bad_input(run_dir, tmp_path):
+    proc = evaluate(str(run_dir / "last.pt"), "--attacks", "pgd,cw", "--eps", "3")
+    assert proc.returncode == 2 and "--attacks: unknown ['cw']" in proc.stderr and "--eps" in proc.stderr
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    proc = evaluate(str(junk))
+    assert proc.returncode == 2 and "cannot load checkpoint" in proc.stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec("pyautoattack") is None, reason="pyautoattack not installed")
+def test_autoattack_subset(run_dir):
+    out = run_dir / "aa.json"
+    proc = evaluate(str(run_dir / "last.pt"), "--n", "40", "--attacks", "clean,autoattack",
+                    "--aa-version", "apgd-ce", "--output", str(out))
+    assert proc.returncode == 0, proc.stderr
+    ev = json.loads(out.read_text())
+    aa = ev["results"]["autoattack"]["accuracy"]
+    assert 0.0 <= aa <= ev["results"]["clean"]["accuracy"]
