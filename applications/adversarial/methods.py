@@ -24,6 +24,15 @@ gradient (for Fast-BAT including the implicit term) in the parameters' ``.grad``
 calls ``optimizer.step()``. Images are floats in [0, 1]; ``eps`` and steps are in pixel units
 (``8/255``). The training loss is the batch-mean cross-entropy.
 
+**Data parallelism.** ``method.loss(ddp_model, x, y, attack_model=module)`` runs every attack pass,
+input-gradient pass (GradAlign) and the Fast-BAT linearization through ``attack_model`` (the plain
+module under the ``DistributedDataParallel`` wrapper, whose parameters are the same tensors) and only
+the final training forward :math:`h_\theta(x + \delta^\star)` through ``model``. One backward then
+reaches each parameter both directly and through :math:`\delta^\star(\theta)`; autograd sums both
+before the parameter's gradient-accumulation hook fires, so DDP all-reduces the total hypergradient
+once. ``attack_model=None`` means ``model``. :class:`ShardedGenerator` makes the random starts of a
+rank the rank's rows of the single-process draw for the global batch.
+
 **BatchNorm.** Attack passes run the model in its current mode, so in train mode BatchNorm normalizes
 with the batch statistics (as the official code does) but, by default
 (``update_bn_on_attack=False``), does not update ``running_mean``/``running_var``/``num_batches_tracked``:
@@ -39,7 +48,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Tuple, Type
+from typing import Dict, Iterator, List, Optional, Tuple, Type, Union
 
 import torch
 import torch.nn.functional as F
@@ -59,11 +68,54 @@ __all__ = [
     "NFGSM",
     "METHODS",
     "build_method",
+    "ShardedGenerator",
     "bn_stats_frozen",
     "gradient_alignment",
 ]
 
-Generator = Optional[torch.Generator]
+
+@dataclass(frozen=True)
+class ShardedGenerator:
+    r"""Random draws of one rank of a data-parallel step, equal to its part of the single-process draw.
+
+    The global batch of ``world_size * n`` samples is split strided: rank ``r`` holds global rows
+    ``r, r + W, r + 2W, ...``. A draw shaped like the local batch ``(n, ...)`` is taken as a draw for the
+    global batch ``(W n, ...)`` from ``generator`` (seeded identically on every rank) and its rows
+    ``[rank::world_size]``, so every sample gets the random start it would get in one process with the
+    same generator state (at the cost of ``W`` times the random numbers, negligible next to a forward).
+    """
+
+    generator: torch.Generator
+    rank: int
+    world_size: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"ShardedGenerator: need 0 <= rank < world_size, got rank={self.rank}, "
+                             f"world_size={self.world_size}")
+
+
+Generator = Union[torch.Generator, ShardedGenerator, None]
+
+
+def _rand_like(x: Tensor, generator: Generator) -> Tensor:
+    """:math:`U[0, 1)` draws shaped like ``x`` (see :class:`ShardedGenerator` for the data-parallel case)."""
+    if isinstance(generator, ShardedGenerator):
+        shape = (x.shape[0] * generator.world_size, *x.shape[1:])
+        u = torch.rand(shape, generator=generator.generator, dtype=x.dtype, device=x.device)
+        return u[generator.rank::generator.world_size]
+    return torch.rand(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+
+
+def _uniform_start(x: Tensor, radius: float, generator: Generator) -> Tensor:
+    """:func:`~applications.adversarial.attacks.uniform_start` with :class:`ShardedGenerator` support."""
+    if not isinstance(generator, ShardedGenerator):
+        return uniform_start(x, radius, generator)
+    return bl.Box(-x, 1.0 - x, check=False).project((2.0 * _rand_like(x, generator) - 1.0) * radius)
+
+
+def _attacker(model: nn.Module, attack_model: Optional[nn.Module]) -> nn.Module:
+    return model if attack_model is None else attack_model
 
 
 @contextlib.contextmanager
@@ -120,18 +172,27 @@ class TrainingMethod:
 
     name: str = ""
 
-    def perturbation(self, model: nn.Module, x: Tensor, y: Tensor, *, generator: Generator = None) -> Tensor:
+    def perturbation(self, model: nn.Module, x: Tensor, y: Tensor, *, generator: Generator = None,
+                     attack_model: Optional[nn.Module] = None) -> Tensor:
         r"""The training perturbation :math:`\delta^\star(\theta)`, shaped like ``x``; its autograd graph to the
         parameters is the method's hypergradient (none for first-order methods).
 
-        ``generator`` (on ``x``'s device) controls the method's randomness; ``None`` uses the global one.
+        ``generator`` (on ``x``'s device; a :class:`torch.Generator` or a :class:`ShardedGenerator`)
+        controls the method's randomness; ``None`` uses the global one. Every pass runs through
+        ``attack_model`` if given (a module sharing ``model``'s parameters, e.g. the one under a DDP
+        wrapper), else ``model``.
         """
         raise NotImplementedError
 
-    def loss(self, model: nn.Module, x: Tensor, y: Tensor, *, generator: Generator = None) -> Tuple[Tensor, Tensor]:
+    def loss(self, model: nn.Module, x: Tensor, y: Tensor, *, generator: Generator = None,
+             attack_model: Optional[nn.Module] = None) -> Tuple[Tensor, Tensor]:
         """Return ``(scalar training loss, logits used for the train accuracy)``: by default the batch-mean
-        cross-entropy at ``x + perturbation``; ``loss.backward()`` leaves the method's full gradient in ``.grad``."""
-        logits = model(x + self.perturbation(model, x, y, generator=generator))
+        cross-entropy at ``x + perturbation``; ``loss.backward()`` leaves the method's full gradient in ``.grad``.
+
+        Only the training forward at ``x + perturbation`` runs through ``model``; the attack passes run
+        through ``attack_model`` (default ``model``), which must share ``model``'s parameter tensors."""
+        delta = self.perturbation(model, x, y, generator=generator, attack_model=attack_model)
+        logits = model(x + delta)
         return F.cross_entropy(logits, y), logits
 
 
@@ -145,10 +206,12 @@ class Standard(TrainingMethod):
     def __post_init__(self) -> None:
         _check_eps("standard", self.eps, allow_zero=True)
 
-    def perturbation(self, model: nn.Module, x: Tensor, y: Tensor, *, generator: Generator = None) -> Tensor:
+    def perturbation(self, model: nn.Module, x: Tensor, y: Tensor, *, generator: Generator = None,
+                     attack_model: Optional[nn.Module] = None) -> Tensor:
         return torch.zeros_like(x)
 
-    def loss(self, model: nn.Module, x: Tensor, y: Tensor, *, generator: Generator = None) -> Tuple[Tensor, Tensor]:
+    def loss(self, model: nn.Module, x: Tensor, y: Tensor, *, generator: Generator = None,
+             attack_model: Optional[nn.Module] = None) -> Tuple[Tensor, Tensor]:
         logits = model(x)
         return F.cross_entropy(logits, y), logits
 
@@ -180,9 +243,11 @@ class FastAT(TrainingMethod):
         if self.step_size is None:
             self.step_size = 1.25 * self.eps
 
-    def perturbation(self, model: nn.Module, x: Tensor, y: Tensor, *, generator: Generator = None) -> Tensor:
+    def perturbation(self, model: nn.Module, x: Tensor, y: Tensor, *, generator: Generator = None,
+                     attack_model: Optional[nn.Module] = None) -> Tensor:
+        model = _attacker(model, attack_model)
         attack = attack_problem(model, x, y, threat_set(x, self.eps))
-        z0 = uniform_start(x, self.eps, generator)
+        z0 = _uniform_start(x, self.eps, generator)
         with bn_stats_frozen(model, not self.update_bn_on_attack):
             return bl.solve(attack, _params(model), z0, bl.Linearized(step=self.step_size, sign=True), check_finite=False)
 
@@ -274,13 +339,16 @@ class FastBAT(TrainingMethod):
     def strategy(self) -> bl.Linearized:
         return bl.Linearized(step=self.attack_step, lam=self.lam, mask_tol=self.mask_tol)
 
-    def perturbation(self, model: nn.Module, x: Tensor, y: Tensor, *, generator: Generator = None) -> Tensor:
-        r""":math:`\delta^\star(\theta)`, carrying the implicit derivative in its autograd graph."""
+    def perturbation(self, model: nn.Module, x: Tensor, y: Tensor, *, generator: Generator = None,
+                     attack_model: Optional[nn.Module] = None) -> Tensor:
+        r""":math:`\delta^\star(\theta)`, carrying the implicit derivative in its autograd graph (built
+        through ``attack_model`` if given)."""
+        model = _attacker(model, attack_model)
         constraint = threat_set(x, self.eps)
         attack = attack_problem(model, x, y, constraint, bl.ProjectedGradient(step_size=self.z_step, steps=1))
         params = _params(model)
         with bn_stats_frozen(model, not self.update_bn_on_attack):
-            z = attack.solver.run(attack, params, uniform_start(x, self.eps, generator))
+            z = attack.solver.run(attack, params, _uniform_start(x, self.eps, generator))
             return bl.solve(attack, params, z, self.strategy, check_finite=False)
 
 
@@ -313,11 +381,13 @@ class PGDAT(TrainingMethod):
         if self.step_size is None:
             self.step_size = {2: self.eps / 2, 10: 2.0 / 255}.get(self.steps, 2.5 * self.eps / self.steps)
 
-    def perturbation(self, model: nn.Module, x: Tensor, y: Tensor, *, generator: Generator = None) -> Tensor:
+    def perturbation(self, model: nn.Module, x: Tensor, y: Tensor, *, generator: Generator = None,
+                     attack_model: Optional[nn.Module] = None) -> Tensor:
+        model = _attacker(model, attack_model)
         solver = bl.SignedProjectedGradient(step_size=self.step_size, steps=self.steps)
         attack = attack_problem(model, x, y, threat_set(x, self.eps), solver)
         with bn_stats_frozen(model, not self.update_bn_on_attack):
-            return bl.solve(attack, _params(model), uniform_start(x, self.eps, generator), bl.FirstOrder(),
+            return bl.solve(attack, _params(model), _uniform_start(x, self.eps, generator), bl.FirstOrder(),
                             check_finite=False)
 
 
@@ -398,28 +468,32 @@ class GradAlign(TrainingMethod):
         if self.step_size is None:
             self.step_size = 1.25 * self.eps if self.random_start else self.eps
 
-    def perturbation(self, model: nn.Module, x: Tensor, y: Tensor, *, generator: Generator = None) -> Tensor:
+    def perturbation(self, model: nn.Module, x: Tensor, y: Tensor, *, generator: Generator = None,
+                     attack_model: Optional[nn.Module] = None) -> Tensor:
+        model = _attacker(model, attack_model)
         attack = attack_problem(model, x, y, threat_set(x, self.eps))
-        z0 = uniform_start(x, self.eps, generator) if self.random_start else torch.zeros_like(x)
+        z0 = _uniform_start(x, self.eps, generator) if self.random_start else torch.zeros_like(x)
         with bn_stats_frozen(model, not self.update_bn_on_attack):
             return bl.solve(attack, _params(model), z0, bl.Linearized(step=self.step_size, sign=True), check_finite=False)
 
-    def loss(self, model: nn.Module, x: Tensor, y: Tensor, *, generator: Generator = None) -> Tuple[Tensor, Tensor]:
+    def loss(self, model: nn.Module, x: Tensor, y: Tensor, *, generator: Generator = None,
+             attack_model: Optional[nn.Module] = None) -> Tuple[Tensor, Tensor]:
+        attacker = _attacker(model, attack_model)
         reg = None
         if self.ga_coef > 0 and not self.random_start and not self.clean_grad_graph:
             # FGSM from zero takes its sign step along the clean input gradient, which is also the
             # regularizer's constant clean gradient: compute it once (one forward/backward fewer).
-            noise = (2.0 * torch.rand(x.shape, generator=generator, dtype=x.dtype, device=x.device) - 1.0) * self.eps
-            with bn_stats_frozen(model, not self.update_bn_on_attack):
-                g_clean = _input_grad(model, x, y, create_graph=False)
+            noise = (2.0 * _rand_like(x, generator) - 1.0) * self.eps
+            with bn_stats_frozen(attacker, not self.update_bn_on_attack):
+                g_clean = _input_grad(attacker, x, y, create_graph=False)
                 delta = threat_set(x, self.eps).project(self.step_size * g_clean.sign())
-                reg = gradient_alignment(model, x, y, noise, g_clean=g_clean)
+                reg = gradient_alignment(attacker, x, y, noise, g_clean=g_clean)
         else:
-            delta = self.perturbation(model, x, y, generator=generator)
-            noise = (2.0 * torch.rand(x.shape, generator=generator, dtype=x.dtype, device=x.device) - 1.0) * self.eps
+            delta = self.perturbation(model, x, y, generator=generator, attack_model=attack_model)
+            noise = (2.0 * _rand_like(x, generator) - 1.0) * self.eps
             if self.ga_coef > 0:
-                with bn_stats_frozen(model, not self.update_bn_on_attack):
-                    reg = gradient_alignment(model, x, y, noise, self.clean_grad_graph)
+                with bn_stats_frozen(attacker, not self.update_bn_on_attack):
+                    reg = gradient_alignment(attacker, x, y, noise, self.clean_grad_graph)
         logits = model(x + delta)
         loss = F.cross_entropy(logits, y)
         return (loss if reg is None else loss + self.ga_coef * reg), logits
@@ -455,9 +529,11 @@ class NFGSM(TrainingMethod):
         if self.step_size is None:
             self.step_size = self.eps
 
-    def perturbation(self, model: nn.Module, x: Tensor, y: Tensor, *, generator: Generator = None) -> Tensor:
+    def perturbation(self, model: nn.Module, x: Tensor, y: Tensor, *, generator: Generator = None,
+                     attack_model: Optional[nn.Module] = None) -> Tensor:
+        model = _attacker(model, attack_model)
         attack = attack_problem(model, x, y, threat_set(x, None))
-        z0 = uniform_start(x, self.noise_mult * self.eps, generator)
+        z0 = _uniform_start(x, self.noise_mult * self.eps, generator)
         with bn_stats_frozen(model, not self.update_bn_on_attack):
             return bl.solve(attack, _params(model), z0, bl.Linearized(step=self.step_size, sign=True), check_finite=False)
 

@@ -4,10 +4,14 @@ Within one epoch the network learns to defeat the single-step attack it is train
 accuracy on held-out data collapses to ~0 while clean accuracy holds or rises (Wong et al. 2020; the
 reason Fast-BAT, GradAlign and N-FGSM exist). The detector watches the per-epoch validation metrics.
 
-Rule. Let ``R*`` and ``C*`` be the best validation robust and clean accuracies of the epochs BEFORE
-epoch t. Epoch t is *collapsed* when all hold:
+Rule. Let ``C*`` be the best validation clean accuracy of the epochs BEFORE epoch t and ``R*`` the best
+validation robust accuracy among those of them whose clean accuracy reached ``min_clean_acc`` (the
+*reference* epochs: an untrained network's robust accuracy, e.g. 0.11 at clean 0.15 after one epoch,
+is chance, not learned robustness, and must not become the level a later drop is measured from).
+Epoch t is *collapsed* when all hold:
 
-* ``R* >= min_best_robust_acc`` (robustness had been learned; a run that never learns is not CO),
+* a reference epoch exists and ``R* >= min_best_robust_acc`` (robustness had been learned; a run that
+  never learns is not CO),
 * ``robust_t < drop_ratio * R*`` or ``robust_t <= min_robust_acc`` (robust accuracy collapsed),
 * ``clean_t >= clean_ratio * C*`` (clean accuracy held: a global divergence, where both fall, is not CO).
 
@@ -26,6 +30,8 @@ __all__ = ["CatastrophicOverfitting", "detect_in_stream"]
 
 _STATE_KEYS = ("detected", "epoch", "detected_at", "best_clean", "best_robust", "best_robust_epoch",
                "streak", "streak_start", "collapse_clean", "collapse_robust")
+# added later: absent from older checkpoints, restored as None
+_OPTIONAL_STATE_KEYS = ("reference_robust", "reference_robust_epoch", "reference_clean")
 
 
 @dataclass
@@ -39,6 +45,15 @@ class CatastrophicOverfitting:
         patience (1): consecutive collapsed epochs needed. 1 suits FGSM-RS, whose CO is abrupt and
             permanent; raise it for noisy small validation sets.
         min_best_robust_acc (0.05): the best robust accuracy so far must reach this before a drop counts.
+        min_clean_acc (0.5): an epoch becomes a robust-accuracy reference (may set the best robust
+            accuracy ``R*``) only once its clean accuracy is at least this. It keeps the first, still
+            untrained epochs (near-chance clean accuracy, with a robust accuracy that is chance too)
+            from being the "best" that the next epochs are flagged against. 0.5 suits 10-class
+            tasks where adversarial training reaches 0.7-0.9 clean accuracy (MNIST, digits,
+            CIFAR-10); lower it for harder tasks (CIFAR-100, ~0.5 clean), 0 restores the rule without it.
+
+    After a detection, ``reference_robust`` / ``reference_robust_epoch`` / ``reference_clean`` keep the
+    best accuracies as they were before the drop (``best_*`` go on tracking later epochs).
     """
 
     drop_ratio: float = 0.5
@@ -46,6 +61,7 @@ class CatastrophicOverfitting:
     clean_ratio: float = 0.9
     patience: int = 1
     min_best_robust_acc: float = 0.05
+    min_clean_acc: float = 0.5
 
     detected: bool = field(default=False, init=False)
     epoch: Optional[int] = field(default=None, init=False)
@@ -57,6 +73,9 @@ class CatastrophicOverfitting:
     streak_start: Optional[int] = field(default=None, init=False)
     collapse_clean: Optional[float] = field(default=None, init=False)
     collapse_robust: Optional[float] = field(default=None, init=False)
+    reference_robust: Optional[float] = field(default=None, init=False)
+    reference_robust_epoch: Optional[int] = field(default=None, init=False)
+    reference_clean: Optional[float] = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.drop_ratio <= 1.0:
@@ -69,6 +88,9 @@ class CatastrophicOverfitting:
             raise ValueError(f"patience must be an integer >= 1, got {self.patience}")
         if not 0.0 <= self.min_best_robust_acc <= 1.0:
             raise ValueError(f"min_best_robust_acc must be in [0, 1], got {self.min_best_robust_acc}")
+        if isinstance(self.min_clean_acc, bool) or not isinstance(self.min_clean_acc, (int, float)) \
+                or not 0.0 <= self.min_clean_acc <= 1.0:
+            raise ValueError(f"min_clean_acc must be a number in [0, 1], got {self.min_clean_acc!r}")
 
     @staticmethod
     def _check(name: str, value: float) -> float:
@@ -104,9 +126,11 @@ class CatastrophicOverfitting:
         if fired and not self.detected:
             self.detected, self.epoch, self.detected_at = True, self.streak_start, epoch
             self.collapse_clean, self.collapse_robust = clean_acc, robust_acc
+            self.reference_robust, self.reference_robust_epoch = self.best_robust, self.best_robust_epoch
+            self.reference_clean = self.best_clean
         if self.best_clean is None or clean_acc > self.best_clean:
             self.best_clean = clean_acc
-        if self.best_robust is None or robust_acc > self.best_robust:
+        if clean_acc >= self.min_clean_acc and (self.best_robust is None or robust_acc > self.best_robust):
             self.best_robust, self.best_robust_epoch = robust_acc, epoch
         return fired
 
@@ -114,17 +138,20 @@ class CatastrophicOverfitting:
         """One line for the log."""
         if not self.detected:
             return "no catastrophic overfitting detected"
+        robust = self.best_robust if self.reference_robust is None else self.reference_robust
+        robust_epoch = self.best_robust_epoch if self.reference_robust is None else self.reference_robust_epoch
+        clean = self.best_clean if self.reference_clean is None else self.reference_clean
         return (f"catastrophic overfitting at epoch {self.epoch} (confirmed at epoch {self.detected_at}): "
-                f"validation robust accuracy {self.collapse_robust:.4f} vs best {self.best_robust:.4f} "
-                f"(epoch {self.best_robust_epoch}) while clean accuracy is {self.collapse_clean:.4f} "
-                f"(best {self.best_clean:.4f}); keep the best-robust checkpoint")
+                f"validation robust accuracy {self.collapse_robust:.4f} vs best {robust:.4f} "
+                f"(epoch {robust_epoch}) before the drop, while clean accuracy is {self.collapse_clean:.4f} "
+                f"(best before {clean:.4f}); keep the best-robust checkpoint")
 
     def state_dict(self) -> Dict[str, Any]:
         """Detector state (plain Python values) plus its options, for checkpoints."""
-        state = {k: getattr(self, k) for k in _STATE_KEYS}
+        state = {k: getattr(self, k) for k in _STATE_KEYS + _OPTIONAL_STATE_KEYS}
         state["options"] = {"drop_ratio": self.drop_ratio, "min_robust_acc": self.min_robust_acc,
                             "clean_ratio": self.clean_ratio, "patience": self.patience,
-                            "min_best_robust_acc": self.min_best_robust_acc}
+                            "min_best_robust_acc": self.min_best_robust_acc, "min_clean_acc": self.min_clean_acc}
         return state
 
     def load_state_dict(self, d: Mapping[str, Any]) -> None:
@@ -138,6 +165,8 @@ class CatastrophicOverfitting:
             raise ValueError(f"CatastrophicOverfitting state lacks keys {missing}")
         for k in _STATE_KEYS:
             setattr(self, k, d[k])
+        for k in _OPTIONAL_STATE_KEYS:
+            setattr(self, k, d.get(k))
 
 
 def detect_in_stream(records: Iterable[Mapping[str, Any]], **options: Any) -> Optional[int]:

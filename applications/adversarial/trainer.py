@@ -23,14 +23,21 @@ resumed run reproduces an uninterrupted one bit for bit.
 
 Data parallelism (``torchrun --nproc_per_node W``). ``train.batch_size`` is the GLOBAL batch: every
 rank draws the same permutation and the same augmentation of global batch ``j`` and takes the
-strided part ``[rank::W]`` (``batch_size`` must be divisible by ``W``). After ``loss.backward()`` the
-gradients are averaged over ranks with one flat all-reduce, which gives the gradient of the
-global-batch mean loss, exactly as DistributedDataParallel does. The module is not wrapped in DDP:
-the methods run attack passes and Fast-BAT/GradAlign double backwards through the same module, and
-DDP's per-forward bookkeeping is meant for one forward per backward (see ``distributed.py``).
-Differences to one process with the same global batch: the methods' random starts come from per-rank
-generators, and BatchNorm uses per-rank batch statistics (running statistics are averaged over ranks
-after every epoch). Only rank 0 writes files; metrics are reduced over ranks.
+strided part ``[rank::W]`` (``batch_size`` must be divisible by ``W``). The module is wrapped in
+``DistributedDataParallel`` and the step calls ``method.loss(ddp_model, x, y, attack_model=module)``:
+every attack pass, input-gradient pass and Fast-BAT linearization runs through the plain module
+(per-rank work with no collective), only the training forward at ``x + delta`` through the wrapper.
+``loss.backward()`` sums the direct and the implicit (through ``delta(theta)``) contributions in each
+parameter's ``.grad`` before DDP's hook all-reduces and averages it: the gradient of the global-batch
+mean loss (``distributed.py``; checked in ``tests/adversarial/test_distributed.py``). DDP is built with
+``broadcast_buffers=False``: each rank keeps its own BatchNorm running statistics during the epoch
+(the attack passes never go through the wrapper, so broadcasting rank 0's buffers at the training
+forward would only overwrite the other ranks' updates and cost one collective per step); they are
+averaged over ranks after every epoch. The methods' random starts use one generator seeded alike on
+every rank, through :class:`~applications.adversarial.methods.ShardedGenerator`: each rank takes its
+rows of the draw for the global batch, so a BatchNorm-free model follows the single-process run with
+the same global batch up to float reordering. With BatchNorm, batch statistics are per rank.
+Evaluation and its attacks use the plain module. Only rank 0 writes files; metrics are reduced over ranks.
 """
 
 from __future__ import annotations
@@ -56,7 +63,7 @@ from . import distributed as dist_lib
 from .attacks import robust_accuracy
 from .config import Config, ConfigError, config_to_dict
 from .data import Augment, ImageArrays, load_dataset, train_val_split
-from .methods import build_method
+from .methods import ShardedGenerator, build_method
 from .models import build_model
 from .overfitting import CatastrophicOverfitting
 
@@ -386,21 +393,20 @@ class Trainer:
         self.model = build_run_model(cfg, self.data.info).to(self.device)
         if cfg.train.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        if ctx.enabled:
-            import torch.distributed as dist
-
-            for tensor in list(self.model.parameters()) + list(self.model.buffers()):
-                dist.broadcast(tensor.data, src=0)
-        self.fwd_model: nn.Module = self.model
+        # identical initialization anyway; DDP's constructor also broadcasts rank 0's parameters and buffers
+        self.attack_model: nn.Module = self.model
+        self.train_model: nn.Module = dist_lib.wrap_model(self.model, ctx, broadcast_buffers=False)
         if cfg.train.compile:
-            self.fwd_model = torch.compile(self.model)  # type: ignore[assignment]
+            self.attack_model = torch.compile(self.model)  # type: ignore[assignment]
+            self.train_model = (torch.compile(self.train_model)  # type: ignore[assignment]
+                                if ctx.enabled else self.attack_model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.SGD(self.params, lr=0.0, momentum=cfg.train.momentum,
                                          weight_decay=cfg.train.weight_decay, nesterov=cfg.train.nesterov)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == "fp16") if self.amp == "fp16" else None
         self.method = build_method(cfg.method.name, **cfg.method.options)
-        self.method_gen = torch.Generator(device=self.device)
-        self.method_gen.manual_seed(mix_seed(cfg.seed, _TAG_METHOD, ctx.rank))
+        self.method_gen = torch.Generator(device=self.device)  # the same on every rank (see _method_generator)
+        self.method_gen.manual_seed(mix_seed(cfg.seed, _TAG_METHOD, 0))
         a = cfg.data.augmentation
         self.augment = Augment(crop_padding=a.crop, flip=a.flip, rotation=a.rotation) if (
             a.crop > 0 or a.flip or a.rotation > 0) else None
@@ -443,7 +449,7 @@ class Trainer:
         else:
             self.notes.append(f"checkpoint written by {saved_world} process(es), resumed with {self.ctx.world_size}: "
                               "random generators re-seeded (the run will not be bit-identical)")
-            self.method_gen.manual_seed(mix_seed(self.cfg.seed, _TAG_METHOD, self.ctx.rank, self.epoch))
+            self.method_gen.manual_seed(mix_seed(self.cfg.seed, _TAG_METHOD, 0, self.epoch))
         if self.ctx.is_main:  # metrics files follow the checkpoint (a crash may have left a newer line)
             self.history = [r for r in self.history if r["epoch"] <= self.epoch]
             _write_metrics(self.run_dir, self.history)
@@ -476,23 +482,11 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------- one epoch
 
-    def _allreduce_grads(self) -> None:
-        """Average the gradients over ranks with one flat all-reduce (what DDP computes)."""
-        import torch.distributed as dist
-
-        grads = []
-        for p in self.params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            grads.append(p.grad)
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
-        flat.div_(self.ctx.world_size)
-        offset = 0
-        for g in grads:
-            n = g.numel()
-            g.copy_(flat[offset:offset + n].view(g.shape))
-            offset += n
+    def _method_generator(self) -> Any:
+        """The methods' generator: itself on one process; under DDP its rank's rows of the global draw."""
+        if not self.ctx.enabled:
+            return self.method_gen
+        return ShardedGenerator(self.method_gen, self.ctx.rank, self.ctx.world_size)
 
     def _average_buffers(self) -> None:
         """BatchNorm running statistics averaged over ranks (each rank saw a different shard)."""
@@ -531,6 +525,7 @@ class Trainer:
         self.model.train()
         autocast = torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
         lr = 0.0
+        method_gen = self._method_generator()
         bar = _progress(range(n_steps), self.progress, desc=f"epoch {self.epoch + 1}", leave=False, unit="batch")
         for i in bar:
             idx = perm[i * B:(i + 1) * B]
@@ -547,13 +542,12 @@ class Trainer:
                 group["lr"] = lr
             self.optimizer.zero_grad(set_to_none=True)
             with autocast:
-                loss, logits = self.method.loss(self.fwd_model, x, y, generator=self.method_gen)
+                loss, logits = self.method.loss(self.train_model, x, y, generator=method_gen,
+                                                attack_model=self.attack_model)
             if self.scaler is not None:
                 self.scaler.scale(loss).backward()
             else:
-                loss.backward()
-            if ctx.enabled:
-                self._allreduce_grads()
+                loss.backward()  # under DDP the gradients are averaged over ranks inside backward
             if self.scaler is not None:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()

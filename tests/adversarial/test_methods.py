@@ -19,6 +19,7 @@ from applications.adversarial.methods import (
     FastAT,
     FastBAT,
     GradAlign,
+    ShardedGenerator,
     Standard,
     bn_stats_frozen,
     build_method,
@@ -448,3 +449,80 @@ def test_grad_align_default_coefficient_only_at_published_radii() -> None:
 def test_fast_bat_lam_zero_points_to_lam_none() -> None:
     with pytest.raises(ValueError, match="pass lam=None"):
         build_method("fast_bat", eps=8 / 255, lam=0)
+
+
+class _Wrapper(nn.Module):
+    """Stands for the DDP wrapper: forwards to ``module`` (same parameter tensors) and counts its calls."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.module(x)
+
+
+_ATTACK_MODEL_CASES = [("standard", {}), ("fast_at", {}), ("fast_bat", {"lam": None}), ("fast_bat", {"lam": 10.0}),
+                       ("pgd", {"steps": 3}), ("n_fgsm", {}), ("grad_align", {"ga_coef": 0.5}),
+                       ("grad_align", {"ga_coef": 0.5, "random_start": True, "clean_grad_graph": True})]
+
+
+@pytest.mark.parametrize("name, options", _ATTACK_MODEL_CASES)
+def test_attack_model_sharing_parameters_gives_the_same_gradient(name: str, options: dict) -> None:
+    """``loss(wrapper, x, y, attack_model=module)`` (the trainer's DDP call) equals ``loss(module, x, y)``:
+    same loss, same logits, same total gradient in ``.grad`` (implicit and regularizer terms included),
+    and only the training forward goes through the wrapper."""
+    method = build_method(name, eps=0.1, **options)
+    model = tiny_cnn(bn=False, act=nn.Tanh)  # smooth: the double-backward terms are non-zero
+    x, y = batch()
+    model.zero_grad(set_to_none=True)
+    ref_loss, ref_logits = method.loss(model, x, y, generator=gen())
+    ref_loss.backward()
+    ref = grads(model)
+    wrapper = _Wrapper(model)
+    model.zero_grad(set_to_none=True)
+    loss, logits = method.loss(wrapper, x, y, generator=gen(), attack_model=model)
+    loss.backward()
+    assert wrapper.calls == 1
+    assert torch.equal(loss.detach(), ref_loss.detach()) and torch.equal(logits.detach(), ref_logits.detach())
+    for a, b in zip(grads(model), ref):
+        assert torch.allclose(a, b, rtol=0, atol=1e-14)
+    # the same module object as attack_model is the default path
+    model.zero_grad(set_to_none=True)
+    method.loss(model, x, y, generator=gen(), attack_model=model)[0].backward()
+    assert all(torch.equal(a, b) for a, b in zip(grads(model), ref))
+
+
+def test_attack_model_carries_the_fast_bat_implicit_term() -> None:
+    """The implicit term reaches ``.grad`` through ``attack_model``: with the exact implicit gradient the
+    result differs from the first-order one (lam = inf) by more than rounding."""
+    model = tiny_cnn(bn=False, act=nn.Tanh)
+    x, y = batch()
+    out = []
+    for lam in (None, math.inf):
+        model.zero_grad(set_to_none=True)
+        loss, _ = FastBAT(eps=0.1, attack_step=0.05, lam=lam).loss(_Wrapper(model), x, y, generator=gen(),
+                                                                   attack_model=model)
+        loss.backward()
+        out.append(grads(model))
+    assert max((a - b).abs().max().item() for a, b in zip(*out)) > 1e-6
+
+
+@pytest.mark.parametrize("name, options", [("fast_at", {}), ("fast_bat", {"lam": None}), ("pgd", {"steps": 2}),
+                                           ("n_fgsm", {}), ("grad_align", {"ga_coef": 0.5, "random_start": True})])
+def test_sharded_generator_gives_each_rank_its_rows_of_the_global_draw(name: str, options: dict) -> None:
+    """Rank r of W holding the strided rows ``[r::W]`` gets exactly those rows of the single-process
+    perturbation (the per-sample attack of a BatchNorm-free model; float64)."""
+    method = build_method(name, eps=0.1, **options)
+    model = tiny_cnn(bn=False)
+    x, y = batch(n=6)
+    full = method.perturbation(model, x, y, generator=gen()).detach()
+    world = 3
+    for r in range(world):
+        part = method.perturbation(model, x[r::world], y[r::world],
+                                   generator=ShardedGenerator(gen(), r, world)).detach()
+        assert torch.allclose(part, full[r::world], rtol=0, atol=1e-12), r
+    with pytest.raises(ValueError, match="rank"):
+        ShardedGenerator(gen(), 3, 3)

@@ -115,3 +115,41 @@ def test_detect_in_stream_skips_non_validation_records():
     assert detect_in_stream(healthy) is None
     # epochs that start at 1 are reported as written
     assert detect_in_stream([{**rec, "epoch": rec["epoch"] + 1} for rec in records]) == 4
+
+
+# the quickstart run (digits, eps 0.3): epoch 1 is an untrained network whose "robust accuracy" is chance
+_EARLY_CLEAN = [0.15, 0.62, 0.71, 0.80, 0.84]
+_EARLY_ROBUST = [0.11, 0.04, 0.05, 0.21, 0.30]
+
+
+def test_untrained_first_epochs_are_not_a_reference():
+    co = CatastrophicOverfitting()
+    assert not any(co.update(e, c, r) for e, (c, r) in enumerate(zip(_EARLY_CLEAN, _EARLY_ROBUST), start=1))
+    assert not co.detected and co.best_robust == 0.30 and co.best_robust_epoch == 5
+    # without the clean-accuracy gate (the old rule) epochs 2-3 are flagged against epoch 1's 0.11
+    old = CatastrophicOverfitting(min_clean_acc=0.0)
+    fired = [old.update(e, c, r) for e, (c, r) in enumerate(zip(_EARLY_CLEAN, _EARLY_ROBUST), start=1)]
+    assert fired == [False, True, True, False, False] and old.epoch == 2
+    # the gate only delays the reference: a real collapse after training started is still caught
+    co = CatastrophicOverfitting()
+    stream = list(zip(_EARLY_CLEAN, _EARLY_ROBUST)) + [(0.90, 0.01)]
+    assert [co.update(e, c, r) for e, (c, r) in enumerate(stream, start=1)] == [False] * 5 + [True]
+    assert co.epoch == 6 and "0.3000 (epoch 5)" in co.message()
+
+
+def test_message_quotes_the_best_before_the_drop():
+    """After the detection the run may go on and beat the old best; the message keeps the pre-drop level."""
+    co = CatastrophicOverfitting()
+    for e, (c, r) in enumerate(zip(_CLEAN + [0.85, 0.86], _ROBUST + [0.30, 0.50])):
+        co.update(e, c, r)
+    assert co.epoch == 3 and co.best_robust == 0.50
+    msg = co.message()
+    assert "0.0100 vs best 0.4400 (epoch 2) before the drop" in msg and "0.5000" not in msg
+    assert "(best before 0.6400)" in msg
+    # a checkpoint from before these fields existed still loads (they default to None)
+    state = {k: v for k, v in co.state_dict().items() if not k.startswith("reference_")}
+    old = CatastrophicOverfitting()
+    old.load_state_dict(state)
+    assert old.reference_robust is None and old.detected and "vs best 0.5000" in old.message()
+    with pytest.raises(ValueError, match="min_clean_acc"):
+        CatastrophicOverfitting(min_clean_acc=1.5)
