@@ -101,6 +101,8 @@ class Linearization:
         # A leaf of y that g does not use (or uses only linearly) contributes no graph.
         self._gy = [g for g in gy if g is not None and g.requires_grad]
         self._gy_index = [i for i, g in enumerate(gy) if g is not None and g.requires_grad]
+        # fast path of the common case: one lower variable whose gradient has a graph
+        self._single = len(self._ys) == 1 and self._gy_index == [0]
 
     def _split_y(self, v: torch.Tensor) -> List[torch.Tensor]:
         out, start = [], 0
@@ -127,6 +129,9 @@ class Linearization:
         r""":math:`\nabla^2_{yy} g\, v` for a flat vector ``v``."""
         if self.functorch:
             return to_vector(leaves(self._vjp_y(self._split_y(v))[0])[0])
+        if self._single:
+            y = self._ys[0]
+            return torch.autograd.grad(self._gy[0], y, v.view_as(y), retain_graph=True)[0].reshape(-1)
         grads = self._autograd_vjp(v, self._ys)
         return to_vector(_zeros_for_none(grads, self.y_like))
 

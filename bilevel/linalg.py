@@ -72,18 +72,18 @@ class CG(LinearSolver):
         r = b.clone()
         p = r.clone()
         rs = torch.dot(r, r)
-        bnorm2 = rs.clone()
+        bnorm2 = rs
         thresh = (self.tol**2) * bnorm2
         for _ in range(self.maxiter):
+            # Once converged (or for b = 0) `active` is False and the iterate freezes; the divisions
+            # may then produce inf/nan in the branch torch.where discards.
             active = rs > thresh
             Ap = matvec(p)
-            pAp = torch.dot(p, Ap)
-            alpha = torch.where(active, rs / torch.where(pAp != 0, pAp, torch.ones_like(pAp)), torch.zeros_like(rs))
-            u = u + alpha * p
-            r = r - alpha * Ap
+            alpha = torch.where(active, rs / torch.dot(p, Ap), 0.0)
+            u = torch.addcmul(u, alpha, p)
+            r = torch.addcmul(r, alpha, Ap, value=-1.0)
             rs_new = torch.dot(r, r)
-            beta = torch.where(active, rs_new / torch.where(rs != 0, rs, torch.ones_like(rs)), torch.zeros_like(rs))
-            p = r + beta * p
+            p = torch.addcmul(r, torch.where(active, rs_new / rs, 0.0), p)
             rs = torch.where(active, rs_new, rs)
         # the recursive residual drifts from the true one in low precision: report the true one
         res = torch.linalg.vector_norm(b - matvec(u))
