@@ -18,6 +18,8 @@ $(VENV)/.apps: pyproject.toml
 
 $(VENV)/.dev: $(VENV)/.apps
 	$(PIP) install -q -e ".[dev,docs]"
+	# betty-ml 0.2.1 declares Requires-Python < 3.11 but runs on 3.11 with torch and numpy only
+	$(PIP) install -q --no-deps --ignore-requires-python betty-ml==0.2.1
 	touch $@
 
 train: $(VENV)/.apps
