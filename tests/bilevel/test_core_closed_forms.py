@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _quadratic import quadratic  # noqa: E402
 
 import bilevel as bl
 
@@ -81,24 +82,11 @@ def test_ridge_value_and_hypergrad_functional_form():
 # 2. Quadratic lower problem g = 0.5 y'Hy + x'Cy + a'y (implicit part; unrolling in test_core_unrolled.py).
 # ----------------------------------------------------------------------------------------------
 
-def _quadratic(n: int = 4, m: int = 3):
-    Q, _ = torch.linalg.qr(torch.randn(n, n))
-    H = Q @ torch.diag(torch.linspace(1.0, 3.0, n)) @ Q.T
-    C, a0 = torch.randn(m, n), torch.randn(n)
-
-    def g(x, y):
-        return 0.5 * y @ H @ y + x @ C @ y + a0 @ y
-
-    def y_star(x):
-        return -torch.linalg.solve(H, C.T @ x + a0)
-
-    return H, C, a0, g, y_star
-
-
 @pytest.mark.parametrize("linear_solver", [bl.CG(maxiter=30), bl.DenseSolve(), bl.Neumann(steps=400, alpha=0.3)],
                          ids=["cg", "dense", "neumann"])
 def test_quadratic_implicit(linear_solver):
-    H, C, a0, g, y_star = _quadratic()
+    q = quadratic()
+    H, C, g, y_star = q.H, q.C, q.g, q.y_star
     t = torch.randn(4)
 
     def f(x, y):

@@ -4,39 +4,38 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _quadratic import quadratic
 
 import bilevel as bl
 
 
-def _quadratic(n: int = 4, m: int = 3):
-    H = torch.diag(torch.linspace(1.0, 3.0, n))
-    C = torch.randn(m, n)
-    return lambda x, y: 0.5 * y @ H @ y + x @ C @ y
+def _g():
+    return quadratic(linear_term=False).g
 
 
 def test_strategy_must_be_an_object():
-    lower = bl.LowerProblem(_quadratic(), solver=bl.GradientDescent(0.1, 3))
+    lower = bl.LowerProblem(_g(), solver=bl.GradientDescent(0.1, 3))
     with pytest.raises(TypeError, match="`strategy` must be a bilevel strategy object"):
         bl.solve(lower, torch.randn(3), torch.zeros(4), "implicit")
     with pytest.raises(TypeError, match="`strategy` must be a bilevel strategy object"):
         bl.solve(lower, torch.randn(3), torch.zeros(4), bl.Implicit)  # the class, not an instance
     with pytest.raises(TypeError, match="`lower` must be a bilevel.LowerProblem"):
-        bl.solve(_quadratic(), torch.randn(3), torch.zeros(4), bl.Implicit())
+        bl.solve(_g(), torch.randn(3), torch.zeros(4), bl.Implicit())
 
 
 def test_gradient_descent_on_a_constrained_problem():
-    lower = bl.LowerProblem(_quadratic(), constraint=bl.Box(-1.0, 1.0), solver=bl.GradientDescent(0.1, 3))
+    lower = bl.LowerProblem(_g(), constraint=bl.Box(-1.0, 1.0), solver=bl.GradientDescent(0.1, 3))
     for strategy in (bl.Implicit(), bl.Unrolled(), bl.FirstOrder()):
         with pytest.raises(ValueError, match="GradientDescent: the lower problem has a constraint; use ProjectedGradient"):
             bl.solve(lower, torch.randn(3), torch.zeros(4), strategy)
 
 
 def test_constraint_shape_mismatch():
-    lower = bl.LowerProblem(_quadratic(), constraint=bl.Box(torch.zeros(3), 1.0), solver=bl.ProjectedGradient(0.1, 3))
+    lower = bl.LowerProblem(_g(), constraint=bl.Box(torch.zeros(3), 1.0), solver=bl.ProjectedGradient(0.1, 3))
     with pytest.raises(ValueError, match=r"lower bound of shape \(3,\) does not broadcast to the variable's shape \(4,\)"):
         bl.solve(lower, torch.randn(3), torch.zeros(4), bl.Implicit())
     per_sample = bl.LInfBall(0.0, 0.1) & bl.Box(-torch.rand(2, 4), 1.0)
-    lower = bl.LowerProblem(_quadratic(), constraint=per_sample, solver=bl.ProjectedGradient(0.1, 3))
+    lower = bl.LowerProblem(_g(), constraint=per_sample, solver=bl.ProjectedGradient(0.1, 3))
     with pytest.raises(ValueError, match=r"shape \(2, 4\) does not broadcast"):
         bl.solve(lower, torch.randn(3), torch.zeros(4), bl.Linearized(0.1))
 
@@ -64,7 +63,7 @@ def test_non_scalar_objectives():
     for strategy in (bl.Implicit(), bl.Unrolled(), bl.Linearized(0.1), bl.FirstOrder()):
         with pytest.raises(ValueError, match=r"lower objective g\(x, y\) must return a scalar tensor, got \(4,\)"):
             bl.solve(lower, torch.ones(3, requires_grad=True), torch.zeros(4), strategy)
-    lower = bl.LowerProblem(_quadratic(), solver=bl.GradientDescent(0.1, 3))
+    lower = bl.LowerProblem(_g(), solver=bl.GradientDescent(0.1, 3))
     with pytest.raises(ValueError, match="upper objective must return a scalar tensor"):
         bl.value_and_hypergrad(lambda x, y: y, lower, torch.ones(3), torch.zeros(4), bl.Implicit())
 
@@ -72,7 +71,7 @@ def test_non_scalar_objectives():
 @pytest.mark.parametrize("strategy", [bl.Implicit(), bl.Unrolled(), bl.FirstOrder()], ids=["implicit", "unrolled", "first"])
 def test_nan_in_the_lower_solution(strategy):
     """Step 2 on a Hessian with eigenvalue 3 diverges (|1 - 2*3| = 5 per step): overflow, then NaN."""
-    lower = bl.LowerProblem(_quadratic(), solver=bl.GradientDescent(2.0, 600))
+    lower = bl.LowerProblem(_g(), solver=bl.GradientDescent(2.0, 600))
     with pytest.raises(FloatingPointError, match="lower solution contains NaN or Inf.*lower the solver's step size"):
         bl.solve(lower, torch.ones(3, requires_grad=True), torch.ones(4), strategy)
     # check_finite=False hands the NaN back instead
@@ -87,11 +86,11 @@ def test_nan_from_the_objective():
 
 
 def test_missing_solver_and_bad_leaves():
-    lower = bl.LowerProblem(_quadratic())
+    lower = bl.LowerProblem(_g())
     for strategy in (bl.Implicit(), bl.Unrolled(), bl.FirstOrder()):
         with pytest.raises(ValueError, match=r"has no solver \(LowerProblem\(..., solver=...\)\)"):
             bl.solve(lower, torch.randn(3), torch.zeros(4), strategy)
-    lower = bl.LowerProblem(_quadratic(), solver=bl.GradientDescent(0.1, 2))
+    lower = bl.LowerProblem(_g(), solver=bl.GradientDescent(0.1, 2))
     with pytest.raises(TypeError, match="every leaf of a variable tree must be a torch.Tensor; leaf 1 is float"):
         bl.solve(lower, (torch.randn(3), 2.0), torch.zeros(4), bl.Implicit())
     with pytest.raises(TypeError, match="lower variable must be floating point, got torch.int64"):

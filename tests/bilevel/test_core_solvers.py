@@ -3,19 +3,14 @@ r"""Lower-level solvers: one step each against its formula, convergence, and the
 from __future__ import annotations
 
 import torch
+from _quadratic import quadratic  # noqa: E402
 
 import bilevel as bl
 
 
-def _quadratic(n: int = 4, m: int = 3):
-    Q, _ = torch.linalg.qr(torch.randn(n, n))
-    H = Q @ torch.diag(torch.linspace(1.0, 3.0, n)) @ Q.T
-    C = torch.randn(m, n)
-    return H, C, (lambda x, y: 0.5 * y @ H @ y + x @ C @ y)
-
-
 def test_gradient_descent_step_and_convergence():
-    H, C, g = _quadratic()
+    q = quadratic(linear_term=False)
+    H, C, g = q.H, q.C, q.g
     x, y0 = torch.randn(3), torch.randn(4)
     lower = bl.LowerProblem(g, solver=bl.GradientDescent(0.3, 1))
     y1 = lower.solver.step(lower, x, y0, create_graph=False)
@@ -27,7 +22,8 @@ def test_gradient_descent_step_and_convergence():
 
 
 def test_projected_and_signed_steps():
-    H, C, g = _quadratic()
+    q = quadratic(linear_term=False)
+    H, C, g = q.H, q.C, q.g
     x, y0 = torch.randn(3), 0.1 * torch.randn(4)
     lo, hi = -0.2 * torch.ones(4), 0.25 * torch.ones(4)
     lower = bl.LowerProblem(g, constraint=bl.Box(lo, hi))
@@ -43,7 +39,8 @@ def test_projected_and_signed_steps():
 
 
 def test_closed_form_solver():
-    H, C, g = _quadratic()
+    q = quadratic(linear_term=False)
+    H, C, g = q.H, q.C, q.g
     fn = lambda x: -torch.linalg.solve(H, C.T @ x)  # noqa: E731
     lower = bl.LowerProblem(g, solver=bl.ClosedForm(fn))
     x = torch.randn(3, requires_grad=True)
@@ -55,7 +52,8 @@ def test_closed_form_solver():
 
 def test_run_keeps_a_graph_only_for_the_last_steps():
     """With differentiable_steps=T the result depends on x only through the last T steps."""
-    H, C, g = _quadratic()
+    q = quadratic(linear_term=False)
+    H, C, g = q.H, q.C, q.g
     a = 0.3
     lower = bl.LowerProblem(g, solver=bl.GradientDescent(a, 5))
     x = torch.randn(3, requires_grad=True)
@@ -66,7 +64,8 @@ def test_run_keeps_a_graph_only_for_the_last_steps():
 
 
 def test_zero_steps_returns_the_start():
-    H, C, g = _quadratic()
+    q = quadratic(linear_term=False)
+    g = q.g
     lower = bl.LowerProblem(g, solver=bl.GradientDescent(0.3, 0))
     init = torch.randn(4)
     y = bl.solve(lower, torch.randn(3), init, bl.FirstOrder())

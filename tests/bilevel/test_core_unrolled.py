@@ -12,19 +12,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _quadratic import quadratic  # noqa: E402
 
 import bilevel as bl
-
-
-def _quadratic(n: int = 4, m: int = 3):
-    Q, _ = torch.linalg.qr(torch.randn(n, n))
-    H = Q @ torch.diag(torch.linspace(1.0, 3.0, n)) @ Q.T
-    C, a0 = torch.randn(m, n), torch.randn(n)
-
-    def g(x, y):
-        return 0.5 * y @ H @ y + x @ C @ y + a0 @ y
-
-    return H, C, a0, g
 
 
 def _unrolled_jac(H, C, a, K):
@@ -39,7 +29,8 @@ def _jacobian(lower, x0, init, strategy):
 
 @pytest.mark.parametrize("K", [1, 3, 7])
 def test_unrolled_k_steps_exact(K):
-    H, C, a0, g = _quadratic()
+    q = quadratic()
+    H, C, g = q.H, q.C, q.g
     a = 0.2
     lower = bl.LowerProblem(g, solver=bl.GradientDescent(a, K))
     x0, init = torch.randn(3), torch.randn(4)  # a nonzero start: it must not matter
@@ -52,7 +43,8 @@ def test_unrolled_k_steps_exact(K):
 
 @pytest.mark.parametrize("K,T", [(7, 3), (7, 1), (5, 5), (4, 9)])
 def test_unrolled_truncated_exact(K, T):
-    H, C, a0, g = _quadratic()
+    q = quadratic()
+    H, C, g = q.H, q.C, q.g
     a = 0.2
     lower = bl.LowerProblem(g, solver=bl.GradientDescent(a, K))
     x0, init = torch.randn(3), torch.randn(4)
@@ -64,7 +56,8 @@ def test_unrolled_truncated_exact(K, T):
 
 
 def test_unrolled_truncate_zero_is_first_order():
-    H, C, a0, g = _quadratic()
+    q = quadratic()
+    g = q.g
     lower = bl.LowerProblem(g, solver=bl.GradientDescent(0.2, 4))
     x = torch.randn(3, requires_grad=True)
     y = bl.solve(lower, x, torch.zeros(4), bl.Unrolled(truncate=0))
@@ -73,7 +66,8 @@ def test_unrolled_truncate_zero_is_first_order():
 
 @pytest.mark.parametrize("K", [1, 4, 9])
 def test_neumann_equals_unrolling_from_solution(K):
-    H, C, a0, g = _quadratic()
+    q = quadratic()
+    H, C, a0, g = q.H, q.C, q.a0, q.g
     a = 0.2
     t = torch.randn(4)
 
@@ -104,7 +98,8 @@ def test_neumann_equals_unrolling_from_solution_nonlinear(mlp_problem):
 
 def test_unrolled_projected_and_signed_steps_match_autograd_of_the_loop():
     """Unrolled through ProjectedGradient equals autograd through a hand-written clamp loop."""
-    H, C, a0, g = _quadratic()
+    q = quadratic()
+    H, C, a0, g = q.H, q.C, q.a0, q.g
     a, K = 0.2, 6
     lo, hi = -0.3 * torch.ones(4), 0.3 * torch.ones(4)
     lower = bl.LowerProblem(g, constraint=bl.Box(lo, hi), solver=bl.ProjectedGradient(a, K))
