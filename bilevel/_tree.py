@@ -18,8 +18,14 @@ Tree = Any
 __all__ = ["Tree", "leaves", "leaves_like", "unflatten", "tree_map", "to_vector", "from_vector", "is_functorch_mode"]
 
 
+# The spec of a bare tensor, shared so that the common single-tensor case skips the pytree machinery.
+_LEAF_SPEC = pytree.tree_flatten(torch.empty(0))[1]
+
+
 def leaves(tree: Tree) -> Tuple[List[torch.Tensor], Any]:
     """Flatten ``tree`` into its tensor leaves and a spec; raises on non-tensor leaves."""
+    if isinstance(tree, torch.Tensor):
+        return [tree], _LEAF_SPEC
     flat, spec = pytree.tree_flatten(tree)
     for i, leaf in enumerate(flat):
         if not isinstance(leaf, torch.Tensor):
@@ -60,10 +66,15 @@ def leaves_like(tree: Tree, spec: Any, what: str = "tree") -> List[torch.Tensor]
 
 
 def unflatten(flat: Sequence[torch.Tensor], spec: Any) -> Tree:
+    if spec is _LEAF_SPEC:
+        (leaf,) = flat
+        return leaf
     return pytree.tree_unflatten(list(flat), spec)
 
 
 def tree_map(fn: Callable[..., Any], tree: Tree, *rest: Tree) -> Tree:
+    if isinstance(tree, torch.Tensor) and all(isinstance(t, torch.Tensor) for t in rest):
+        return fn(tree, *rest)
     return pytree.tree_map(fn, tree, *rest)
 
 

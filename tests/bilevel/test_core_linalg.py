@@ -92,3 +92,31 @@ def test_linear_solver_argument_checks():
         bl.Neumann(steps=0)
     with pytest.raises(ValueError, match="alpha must be > 0"):
         bl.Neumann(steps=3, alpha=0.0)
+
+
+def test_cg_recursive_and_true_residual():
+    """The free recursive residual agrees with the true one in float64; true_residual=True pays one product."""
+    A, b = _spd(30, cond=1000.0), torch.randn(30)
+    calls = []
+
+    def matvec(v):
+        calls.append(1)
+        return A @ v
+
+    for k in (3, 12):
+        calls.clear()
+        u, info = bl.CG(maxiter=k)(matvec, b)
+        assert len(calls) == k
+        calls.clear()
+        u_true, info_true = bl.CG(maxiter=k, true_residual=True)(matvec, b)
+        assert len(calls) == k + 1 and torch.equal(u, u_true)
+        true_norm = (b - A @ u).norm()
+        assert torch.allclose(info_true.residual_norm, true_norm, rtol=1e-12)
+        assert torch.allclose(info.residual_norm, true_norm, rtol=1e-6)
+
+
+def test_cg_rejects_bad_options():
+    with pytest.raises(ValueError, match="tol must be >= 0"):
+        bl.CG(tol=-1.0)
+    with pytest.raises(ValueError, match="maxiter must be >= 1"):
+        bl.CG(maxiter=2.5)
