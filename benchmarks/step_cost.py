@@ -160,28 +160,48 @@ def model_specs(device: str, tiny: bool) -> Dict[str, Dict[str, Any]]:
     }
 
 
-def make_setup(spec: Dict[str, Any], device: str, seed: int = 0):
+def make_setup(spec: Dict[str, Any], device: str, seed: int = 0, channels_last: bool = False):
     name, classes, channels, mean, std, options = spec["model"]
     torch.manual_seed(seed)
     model = build_model(name, classes, channels, mean, std, **options).to(device).train()
     gen = torch.Generator(device="cpu").manual_seed(seed + 1)
     x = torch.rand(spec["batch"], *spec["shape"], generator=gen).to(device)
     y = torch.randint(0, classes, (spec["batch"],), generator=gen).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
     return model, x, y
 
 
-def make_step(label: str, model: nn.Module, x: Tensor, y: Tensor) -> StepFn:
-    """A closure running one training step of ``label`` (its own SGD optimizer over the shared model)."""
+AMP_DTYPES: Dict[str, Optional[torch.dtype]] = {"none": None, "bf16": torch.bfloat16}
+
+
+def make_step(label: str, model: nn.Module, x: Tensor, y: Tensor, amp: str = "none") -> StepFn:
+    """A closure running one training step of ``label`` (its own SGD optimizer over the shared model).
+
+    ``amp="bf16"``: the forward and attack passes run under ``torch.autocast(bfloat16)`` (as ``train.amp=bf16``
+    does in the trainer); the backward and the optimizer step stay outside it.
+    """
     name, options, mode = METHOD_SPECS[label]
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
     params = [p for p in model.parameters() if p.requires_grad]
+    dtype = AMP_DTYPES[amp]
+
+    def autocast() -> Any:
+        return torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None)
+
     if mode == "official":
-        return lambda: official_style_fast_bat_step(model, optimizer, x, y)
+        def official_step() -> None:
+            with autocast():
+                official_style_fast_bat_grads(model, x, y)
+            optimizer.step()
+        return official_step
     method = build_method(name, **options)
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        loss, _ = method.loss(model, x, y)
+        with autocast():
+            loss, _ = method.loss(model, x, y)
         if mode == "inputs":
             loss.backward(inputs=params)
         else:
@@ -266,16 +286,18 @@ def cpu_peak_subprocess(model_name: str, label: str, tiny: bool) -> Optional[flo
 # ----------------------------------------------------------------------------------------------------------
 
 def run_model(model_name: str, spec: Dict[str, Any], labels: List[str], device: str, repeats: int, warmup: int,
-              memory: bool, tiny: bool) -> Dict[str, Any]:
-    model, x, y = make_setup(spec, device)
-    steps = [make_step(label, model, x, y) for label in labels]
+              memory: bool, tiny: bool, amp: str = "none", channels_last: bool = False) -> Dict[str, Any]:
+    model, x, y = make_setup(spec, device, channels_last=channels_last)
+    steps = [make_step(label, model, x, y, amp) for label in labels]
     timings = time_interleaved(steps, repeats=repeats, warmup=warmup, device=device)
     ref = {k: timings[labels.index("fast_at")][k] for k in ("median_s", "cpu_median_s")}
     rows = []
     for label, step, t in zip(labels, steps, timings):
         mem = None
-        if memory:
-            mem = cuda_peak_mib(step, device) if device.startswith("cuda") else cpu_peak_subprocess(model_name, label, tiny)
+        if memory and device.startswith("cuda"):
+            mem = cuda_peak_mib(step, device)
+        elif memory and amp == "none" and not channels_last:
+            mem = cpu_peak_subprocess(model_name, label, tiny)
         rows.append({"method": label, "median_ms": 1e3 * t["median_s"], "q1_ms": 1e3 * t["q1_s"], "q3_ms": 1e3 * t["q3_s"],
                      "cpu_median_ms": 1e3 * t["cpu_median_s"], "ratio_to_fast_at": t["median_s"] / ref["median_s"],
                      "cpu_ratio_to_fast_at": t["cpu_median_s"] / ref["cpu_median_s"], "peak_mem_mib": mem,
@@ -310,6 +332,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     ap.add_argument("--methods", default=None, help="comma list of method labels (default: all)")
     ap.add_argument("--tiny", action="store_true", help="tiny model and batch (smoke test)")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    ap.add_argument("--amp", choices=sorted(AMP_DTYPES), default="none",
+                    help="autocast dtype of the forward and attack passes (bf16: as train.amp=bf16)")
+    ap.add_argument("--channels-last", action="store_true", help="model and batch in torch.channels_last")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch.set_num_threads (default: 1 on CPU, torch's default on CUDA; 0 keeps torch's default)")
     ap.add_argument("--out", type=Path, default=None, help="default: results/step_cost_<device>.json")
@@ -351,12 +376,15 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         "memory": None if args.no_memory else ("torch.cuda.max_memory_allocated minus allocated before the step"
                                                if device.startswith("cuda") else MEMORY_CPU),
         "tiny": args.tiny,
+        "amp": args.amp,
+        "channels_last": args.channels_last,
         "load_average_start": load_average(),
         "models": [],
     }
     for name, spec in specs.items():
         print(f"\n== {name}: batch {spec['batch']} x {spec['shape']} on {device}", flush=True)
-        entry = run_model(name, spec, labels, device, args.repeats, args.warmup, not args.no_memory, args.tiny)
+        entry = run_model(name, spec, labels, device, args.repeats, args.warmup, not args.no_memory, args.tiny,
+                          args.amp, args.channels_last)
         results["models"].append(entry)
         print()
         print(markdown_table(["method", "median ms", "x fast_at", "CPU ms", "CPU x fast_at", "peak MiB"],
@@ -366,7 +394,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             print(f"  target {key}: wall {t['wall']:.2f} cpu {t['cpu']:.2f} (<= {t['target_max']}): "
                   f"{'met' if t['met_wall'] else 'MISSED'} (wall) / {'met' if t['met_cpu'] else 'MISSED'} (cpu)")
     results["load_average_end"] = load_average()
-    out = args.out or RESULTS_DIR / f"step_cost_{device.split(':')[0]}.json"
+    variant = ("" if args.amp == "none" else f"_{args.amp}") + ("_channels_last" if args.channels_last else "")
+    out = args.out or RESULTS_DIR / f"step_cost_{device.split(':')[0]}{variant}.json"
     print(f"\nwrote {write_json(out, results)}")
     return results
 

@@ -411,16 +411,31 @@ def test_build_method_errors() -> None:
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
-def test_methods_run_under_bf16_autocast(name: str) -> None:
+def test_methods_under_bf16_autocast_match_float32(name: str) -> None:
+    """bf16 autocast (train.amp=bf16) gives the float32 gradient up to bf16 rounding, channels_last exactly."""
     model = tiny_cnn(bn=True).float()
     x, y = batch()
     x = x.float()
     method = build_method(name, eps=8 / 255, **({"lam": None} if name == "fast_bat" else {}))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss, logits = method.loss(model, x, y)
-    loss.backward()
-    assert logits.shape == (x.shape[0], 3) and loss.dtype == torch.float32
-    assert all(bool(torch.isfinite(p.grad).all()) for p in model.parameters())
+
+    def gradient(amp: bool, channels_last: bool = False) -> torch.Tensor:
+        model.zero_grad(set_to_none=True)
+        m = model.to(memory_format=torch.channels_last) if channels_last else model.to(memory_format=torch.contiguous_format)
+        xx = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            loss, logits = method.loss(m, xx, y, generator=torch.Generator().manual_seed(5))
+        loss.backward()
+        assert logits.shape == (x.shape[0], 3) and loss.dtype == torch.float32
+        return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+
+    ref, bf16, cl = gradient(False), gradient(True), gradient(False, channels_last=True)
+    assert bool(torch.isfinite(bf16).all())
+    cosine = float(torch.nn.functional.cosine_similarity(bf16, ref, dim=0))
+    # PGD's signed steps and GradAlign's cosine of two input gradients amplify bf16 rounding (measured
+    # 0.978 and 0.949 here; the one-step methods 0.985 .. 0.99999)
+    floor = {"pgd": 0.95, "grad_align": 0.9}.get(name, 0.98)
+    assert cosine > floor, f"{name}: bf16 gradient cosine {cosine:.4f} to float32"
+    torch.testing.assert_close(cl, ref, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("name, forwards", [("standard", 1), ("fast_at", 2), ("fast_bat", 3), ("pgd", 4), ("n_fgsm", 2),

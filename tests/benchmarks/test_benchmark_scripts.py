@@ -77,6 +77,19 @@ def test_step_cost_tiny(tmp_path):
     assert set(model["targets"]) == {"exact_ig_over_fast_at", "exact_ig_over_official_sequence", "no_ig_over_fast_at"}
 
 
+def test_step_cost_tiny_bf16_channels_last(tmp_path):
+    out = tmp_path / "step_bf16.json"
+    methods = "fast_at,fast_bat exact IG (lam=1/step),fast_bat official pass sequence"
+    _run(["benchmarks/step_cost.py", "--tiny", "--repeats", "2", "--warmup", "1", "--methods", methods,
+          "--amp", "bf16", "--channels-last", "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert data["amp"] == "bf16" and data["channels_last"] is True
+    rows = {r["method"]: r for r in data["models"][0]["rows"]}
+    assert set(rows) == set(methods.split(",")) and rows["fast_at"]["ratio_to_fast_at"] == pytest.approx(1.0)
+    # CPU peak memory is measured for the default float32 layout only
+    assert all(r["median_ms"] > 0 and r["peak_mem_mib"] is None for r in rows.values())
+
+
 def test_step_cost_cpu_memory_child_reports_a_nonnegative_peak():
     mem = step_cost.cpu_peak_child("small_cnn", "fast_at", tiny=True)
     assert mem["base_mib"] > 0 and mem["peak_increase_mib"] >= 0
@@ -147,3 +160,28 @@ def test_reproduce_table1_tiny(tmp_path):
         for metric in ("SA", "RA-PGD", "RA-AA"):
             assert 0.0 <= r[metric] <= 100.0
     assert out.with_suffix(".md").read_text().count("fast_bat_16_lam_exact") == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_gpu_session_script_parses_and_refuses_without_cuda(tmp_path):
+    script = REPO / "benchmarks" / "gpu_session.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RESULTS": str(tmp_path)}
+    out = subprocess.run(["bash", str(script), "steps"], capture_output=True, text=True, cwd=str(REPO), env=env,
+                         timeout=120)
+    assert out.returncode != 0 and "no CUDA device" in out.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing measured, nothing written
+
+
+def test_step_profile_tiny_counts_the_double_backward(tmp_path):
+    """The implicit term adds, per step of the two-convolution CNN, one full convolution backward per layer (the
+    backward at z) and nothing to the forwards."""
+    out = tmp_path / "profile.json"
+    _run(["benchmarks/step_profile.py", "--tiny", "--steps", "2", "--out", str(out)])
+    (model,) = json.loads(out.read_text())["models"]
+    ops = {r["op"]: r for r in model["ops"]}
+    conv_bwd = ops["aten::convolution_backward"]
+    assert conv_bwd["no_ig_calls"] == 6 and conv_bwd["exact_calls"] == 8
+    assert ops["aten::conv2d"]["exact_calls"] == ops["aten::conv2d"]["no_ig_calls"] == 6  # 3 forwards x 2 convs
+    assert model["implicit_term_ms"] > 0
+    assert model["ratios_to_fast_at"]["fast_bat exact IG (lam=1/step)"] > model["ratios_to_fast_at"]["fast_bat no IG (lam=inf)"]
