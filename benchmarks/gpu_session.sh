@@ -3,7 +3,7 @@
 # (one H100, PyTorch 2.11 CUDA, numpy/scipy/pyyaml/pytest present, no internet). From this repo's root:
 #
 #   bash benchmarks/gpu_session.sh sync            # CUDA host-sync tests                     (~1 min)
-#   bash benchmarks/gpu_session.sh steps           # step_cost.py fp32 / bf16 / bf16+channels_last (~3 min)
+#   bash benchmarks/gpu_session.sh steps           # step_cost.py fp32 / bf16 / bf16+channels_last (+ lean BN) (~4 min)
 #   bash benchmarks/gpu_session.sh table1 KEYS     # reproduce_table1.py --runs KEYS (bf16, channels_last)
 #   bash benchmarks/gpu_session.sh fp32 KEYS       # the same runs in float32 (the "without" column)
 #
@@ -44,7 +44,11 @@ case "$stage" in
         python3 benchmarks/step_cost.py --device cuda --out "$RESULTS/step_cost_cuda.json"
         python3 benchmarks/step_cost.py --device cuda --amp bf16 --out "$RESULTS/step_cost_cuda_bf16.json"
         python3 benchmarks/step_cost.py --device cuda --amp bf16 --channels-last \
-            --out "$RESULTS/step_cost_cuda_bf16_channels_last.json" ;;
+            --out "$RESULTS/step_cost_cuda_bf16_channels_last.json"
+        # the lean BatchNorm double backward (models' use_lean_batchnorm): does it pay on the GPU?
+        python3 benchmarks/step_cost.py --device cuda --amp bf16 --channels-last --lean-bn --no-memory \
+            --methods "fast_at,fast_bat exact IG (lam=1/step),fast_bat no IG (lam=inf),fast_bat official pass sequence" \
+            --out "$RESULTS/step_cost_cuda_bf16_channels_last_lean_bn.json" ;;
     table1)
         table1 "${2:?run keys}" bf16_cl train.amp=bf16 train.channels_last=true ;;
     fp32)

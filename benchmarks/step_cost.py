@@ -49,7 +49,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from applications.adversarial.methods import build_method  # noqa: E402
-from applications.adversarial.models import build_model  # noqa: E402
+from applications.adversarial.models import build_model, use_lean_batchnorm  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     RESULTS_DIR,
     load_average,
@@ -160,13 +160,16 @@ def model_specs(device: str, tiny: bool) -> Dict[str, Dict[str, Any]]:
     }
 
 
-def make_setup(spec: Dict[str, Any], device: str, seed: int = 0, channels_last: bool = False):
+def make_setup(spec: Dict[str, Any], device: str, seed: int = 0, channels_last: bool = False,
+               lean_bn: bool = False):
     name, classes, channels, mean, std, options = spec["model"]
     torch.manual_seed(seed)
     model = build_model(name, classes, channels, mean, std, **options).to(device).train()
     gen = torch.Generator(device="cpu").manual_seed(seed + 1)
     x = torch.rand(spec["batch"], *spec["shape"], generator=gen).to(device)
     y = torch.randint(0, classes, (spec["batch"],), generator=gen).to(device)
+    if lean_bn:
+        model = use_lean_batchnorm(model)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
@@ -286,8 +289,9 @@ def cpu_peak_subprocess(model_name: str, label: str, tiny: bool) -> Optional[flo
 # ----------------------------------------------------------------------------------------------------------
 
 def run_model(model_name: str, spec: Dict[str, Any], labels: List[str], device: str, repeats: int, warmup: int,
-              memory: bool, tiny: bool, amp: str = "none", channels_last: bool = False) -> Dict[str, Any]:
-    model, x, y = make_setup(spec, device, channels_last=channels_last)
+              memory: bool, tiny: bool, amp: str = "none", channels_last: bool = False,
+              lean_bn: bool = False) -> Dict[str, Any]:
+    model, x, y = make_setup(spec, device, channels_last=channels_last, lean_bn=lean_bn)
     steps = [make_step(label, model, x, y, amp) for label in labels]
     timings = time_interleaved(steps, repeats=repeats, warmup=warmup, device=device)
     ref = {k: timings[labels.index("fast_at")][k] for k in ("median_s", "cpu_median_s")}
@@ -296,7 +300,7 @@ def run_model(model_name: str, spec: Dict[str, Any], labels: List[str], device: 
         mem = None
         if memory and device.startswith("cuda"):
             mem = cuda_peak_mib(step, device)
-        elif memory and amp == "none" and not channels_last:
+        elif memory and amp == "none" and not channels_last and not lean_bn:
             mem = cpu_peak_subprocess(model_name, label, tiny)
         rows.append({"method": label, "median_ms": 1e3 * t["median_s"], "q1_ms": 1e3 * t["q1_s"], "q3_ms": 1e3 * t["q3_s"],
                      "cpu_median_ms": 1e3 * t["cpu_median_s"], "ratio_to_fast_at": t["median_s"] / ref["median_s"],
@@ -335,6 +339,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     ap.add_argument("--amp", choices=sorted(AMP_DTYPES), default="none",
                     help="autocast dtype of the forward and attack passes (bf16: as train.amp=bf16)")
     ap.add_argument("--channels-last", action="store_true", help="model and batch in torch.channels_last")
+    ap.add_argument("--lean-bn", action="store_true",
+                    help="the models' BatchNorm2d layers replaced by the lean double-backward one (use_lean_batchnorm)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch.set_num_threads (default: 1 on CPU, torch's default on CUDA; 0 keeps torch's default)")
     ap.add_argument("--out", type=Path, default=None, help="default: results/step_cost_<device>.json")
@@ -378,13 +384,14 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         "tiny": args.tiny,
         "amp": args.amp,
         "channels_last": args.channels_last,
+        "batchnorm": "applications.adversarial.models.BatchNorm2d" if args.lean_bn else "torch.nn.BatchNorm2d",
         "load_average_start": load_average(),
         "models": [],
     }
     for name, spec in specs.items():
         print(f"\n== {name}: batch {spec['batch']} x {spec['shape']} on {device}", flush=True)
         entry = run_model(name, spec, labels, device, args.repeats, args.warmup, not args.no_memory, args.tiny,
-                          args.amp, args.channels_last)
+                          args.amp, args.channels_last, args.lean_bn)
         results["models"].append(entry)
         print()
         print(markdown_table(["method", "median ms", "x fast_at", "CPU ms", "CPU x fast_at", "peak MiB"],
@@ -394,7 +401,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             print(f"  target {key}: wall {t['wall']:.2f} cpu {t['cpu']:.2f} (<= {t['target_max']}): "
                   f"{'met' if t['met_wall'] else 'MISSED'} (wall) / {'met' if t['met_cpu'] else 'MISSED'} (cpu)")
     results["load_average_end"] = load_average()
-    variant = ("" if args.amp == "none" else f"_{args.amp}") + ("_channels_last" if args.channels_last else "")
+    variant = (("" if args.amp == "none" else f"_{args.amp}") + ("_channels_last" if args.channels_last else "")
+               + ("_lean_bn" if args.lean_bn else ""))
     out = args.out or RESULTS_DIR / f"step_cost_{device.split(':')[0]}{variant}.json"
     print(f"\nwrote {write_json(out, results)}")
     return results

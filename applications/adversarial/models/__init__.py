@@ -10,12 +10,14 @@ from typing import Any, Callable, Dict
 
 from torch import nn
 
+from .batchnorm import BatchNorm2d, batch_norm_train, use_lean_batchnorm
 from .normalize import Normalized, Stats, as_channel_stats
 from .preact_resnet import PreActBlock, PreActResNet, preact_resnet18
 from .small_cnn import SmallCNN
 from .wide_resnet import WideBasicBlock, WideResNet, WideStage, wide_resnet34_10
 
 __all__ = [
+    "BatchNorm2d",
     "MODELS",
     "Normalized",
     "PreActBlock",
@@ -25,8 +27,10 @@ __all__ = [
     "WideResNet",
     "WideStage",
     "as_channel_stats",
+    "batch_norm_train",
     "build_model",
     "preact_resnet18",
+    "use_lean_batchnorm",
     "wide_resnet34_10",
 ]
 
@@ -49,14 +53,16 @@ _ALIASES = {"prn18": "preact_resnet18", "wrn34_10": "wide_resnet34_10", "wrn": "
 
 
 def build_model(
-    name: str, num_classes: int, in_channels: int, mean: Stats, std: Stats, **kwargs: Any
+    name: str, num_classes: int, in_channels: int, mean: Stats, std: Stats, lean_batchnorm: bool = False, **kwargs: Any
 ) -> Normalized:
     """Builds the network ``name`` and wraps it in ``Normalized(net, mean, std)``.
 
     Names: ``preact_resnet18`` (alias ``prn18``), ``wide_resnet34_10`` (``wrn34_10``),
     ``wide_resnet`` (``wrn``; pass ``depth=``, ``widen_factor=``, ``dropout=``) and ``small_cnn``
     (``cnn``; ``width=``, ``hidden=``, ``pool_size=``). Dashes and case are ignored
-    (``PreAct-ResNet18`` works). Extra keyword arguments go to the constructor.
+    (``PreAct-ResNet18`` works). ``lean_batchnorm=True`` swaps in :class:`BatchNorm2d` (a leaner second
+    derivative for Fast-BAT's implicit gradient, see :mod:`.batchnorm`). Other keyword arguments go to the
+    constructor.
 
     The returned module maps (B, in_channels, H, W) images in [0, 1] to logits (B, num_classes).
     Raises ValueError on an unknown name, listing the valid ones.
@@ -66,5 +72,9 @@ def build_model(
     if key not in MODELS:
         valid = ", ".join(sorted(MODELS)) + " (aliases: " + ", ".join(sorted(_ALIASES)) + ")"
         raise ValueError(f"unknown model {name!r}; valid names: {valid}")
+    if not isinstance(lean_batchnorm, bool):
+        raise ValueError(f"lean_batchnorm must be true or false, got {lean_batchnorm!r}")
     net = MODELS[key](num_classes, in_channels, **kwargs)
+    if lean_batchnorm:
+        use_lean_batchnorm(net)
     return Normalized(net, mean, std, channels=in_channels)
