@@ -10,11 +10,11 @@ and call :func:`solve`: the returned :math:`y^\star(x)` carries the strategy's g
 ``f(x, y).backward()`` and any ``torch.optim`` optimizer do the rest.
 """
 
+from ._solve import solve, value_and_hypergrad
 from .constraints import Box, Constraint, Intersection, LInfBall
 from .hypergrad import FirstOrder, Implicit, Linearized, Strategy, Unrolled
 from .linalg import CG, DenseSolve, LinearSolveInfo, LinearSolver, Neumann
 from .problem import LowerProblem
-from .solve import solve, value_and_hypergrad
 from .solvers import ClosedForm, GradientDescent, ProjectedGradient, SignedProjectedGradient, Solver
 
 __version__ = "0.1.0"
