@@ -196,8 +196,7 @@ def make_step(label: str, model: nn.Module, x: Tensor, y: Tensor, amp: str = "no
     if mode == "official":
         def official_step() -> None:
             with autocast():
-                official_style_fast_bat_grads(model, x, y)
-            optimizer.step()
+                official_style_fast_bat_step(model, optimizer, x, y)
         return official_step
     method = build_method(name, **options)
 
@@ -298,10 +297,8 @@ def run_model(model_name: str, spec: Dict[str, Any], labels: List[str], device: 
     rows = []
     for label, step, t in zip(labels, steps, timings):
         mem = None
-        if memory and device.startswith("cuda"):
-            mem = cuda_peak_mib(step, device)
-        elif memory and amp == "none" and not channels_last and not lean_bn:
-            mem = cpu_peak_subprocess(model_name, label, tiny)
+        if memory:
+            mem = cuda_peak_mib(step, device) if device.startswith("cuda") else cpu_peak_subprocess(model_name, label, tiny)
         rows.append({"method": label, "median_ms": 1e3 * t["median_s"], "q1_ms": 1e3 * t["q1_s"], "q3_ms": 1e3 * t["q3_s"],
                      "cpu_median_ms": 1e3 * t["cpu_median_s"], "ratio_to_fast_at": t["median_s"] / ref["median_s"],
                      "cpu_ratio_to_fast_at": t["cpu_median_s"] / ref["cpu_median_s"], "peak_mem_mib": mem,
@@ -373,14 +370,17 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     unknown = [m for m in labels if m not in METHOD_SPECS]
     if unknown or "fast_at" not in labels:
         raise SystemExit(f"step_cost: unknown methods {unknown} (fast_at is required); valid: {list(METHOD_SPECS)}")
+    # CPU peak memory is measured in fresh subprocesses, which build the default float32 model only
+    cpu_variant = args.amp != "none" or args.channels_last or args.lean_bn
+    memory = not args.no_memory and (device.startswith("cuda") or not cpu_variant)
     results: Dict[str, Any] = {
         "benchmark": "step_cost",
         "machine": machine_info(device),
         "eps": EPS,
         "protocol": f"median of {args.repeats} steps after {args.warmup} warm-up steps per method, all methods "
                     "round-robin in one process on the same model and batch",
-        "memory": None if args.no_memory else ("torch.cuda.max_memory_allocated minus allocated before the step"
-                                               if device.startswith("cuda") else MEMORY_CPU),
+        "memory": (None if not memory else "torch.cuda.max_memory_allocated minus allocated before the step"
+                   if device.startswith("cuda") else MEMORY_CPU),
         "tiny": args.tiny,
         "amp": args.amp,
         "channels_last": args.channels_last,
@@ -390,7 +390,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     }
     for name, spec in specs.items():
         print(f"\n== {name}: batch {spec['batch']} x {spec['shape']} on {device}", flush=True)
-        entry = run_model(name, spec, labels, device, args.repeats, args.warmup, not args.no_memory, args.tiny,
+        entry = run_model(name, spec, labels, device, args.repeats, args.warmup, memory, args.tiny,
                           args.amp, args.channels_last, args.lean_bn)
         results["models"].append(entry)
         print()

@@ -43,6 +43,7 @@ is for ``benchmarks/step_cost.py --lean-bn`` to show.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Optional, Tuple
 
 import torch
@@ -174,12 +175,10 @@ def use_lean_batchnorm(model: nn.Module) -> nn.Module:
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if type(child) is nn.BatchNorm2d:
-                lean = BatchNorm2d(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
-                state = child.state_dict()
-                if state:
-                    ref = next(iter(state.values()))
-                    lean = lean.to(device=ref.device, dtype=child.running_mean.dtype if child.running_mean is not None
-                                   else ref.dtype)
-                lean.load_state_dict(state)
+                ref = next(itertools.chain(child.parameters(), child.buffers()), None)
+                like = {} if ref is None else {"device": ref.device, "dtype": ref.dtype}
+                lean = BatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
+                                   child.track_running_stats, **like)
+                lean.load_state_dict(child.state_dict())
                 setattr(module, name, lean.train(child.training))
     return model
