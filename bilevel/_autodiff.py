@@ -17,7 +17,7 @@ from typing import Callable, List, Sequence, Tuple
 
 import torch
 
-from ._tree import Tree, is_functorch_mode, leaves, to_vector, tree_map, unflatten
+from ._tree import Tree, from_vector, is_functorch_mode, leaves, to_vector, tree_map, unflatten
 
 Objective = Callable[[Tree, Tree], torch.Tensor]
 
@@ -45,7 +45,7 @@ def value_and_grad_y(objective: Objective, x: Tree, y: Tree, *, create_graph: bo
     (used by unrolled and linearized hypergradients). Otherwise both inputs are detached first, so no
     graph to ``x`` is built.
     """
-    x_flat, _ = leaves(x)
+    x_flat, x_spec = leaves(x)
     y_flat, y_spec = leaves(y)
     if is_functorch_mode(x_flat + y_flat):
         def g_of_y(yy: Tree) -> torch.Tensor:
@@ -61,7 +61,8 @@ def value_and_grad_y(objective: Objective, x: Tree, y: Tree, *, create_graph: bo
             x_in = x
         else:
             ys = [t.detach().requires_grad_() for t in y_flat]
-            x_in = detach_tree(x)
+            # Solver.run passes an already detached x on its plain steps: no second copy of the tree
+            x_in = unflatten([t.detach() for t in x_flat], x_spec) if any(t.requires_grad for t in x_flat) else x
         value = objective(x_in, unflatten(ys, y_spec))
         _check_scalar(value)
         grads = torch.autograd.grad(value, ys, create_graph=create_graph, allow_unused=True)
@@ -84,13 +85,15 @@ class Linearization:
     def __init__(self, objective: Objective, x_flat: Sequence[torch.Tensor], x_spec, y_flat: Sequence[torch.Tensor],
                  y_spec) -> None:
         self.x_like, self.y_like = list(x_flat), list(y_flat)
+        self._offsets = [0]
+        for t in self.y_like[:-1]:
+            self._offsets.append(self._offsets[-1] + t.numel())
         self.functorch = is_functorch_mode(list(x_flat) + list(y_flat))
         if self.functorch:
             grad_y = torch.func.grad(lambda xx, yy: objective(xx, yy), argnums=1)
             x_tree, y_tree = unflatten(list(x_flat), x_spec), unflatten(list(y_flat), y_spec)
             _, self._vjp_y = torch.func.vjp(lambda yy: leaves(grad_y(x_tree, yy))[0], y_tree)
             _, self._vjp_x = torch.func.vjp(lambda xx: leaves(grad_y(xx, y_tree))[0], x_tree)
-            self._y_spec = y_spec
             return
         with torch.enable_grad():
             self._xs = [t.detach().requires_grad_() for t in x_flat]
@@ -105,25 +108,19 @@ class Linearization:
         self._single = len(self._ys) == 1 and self._gy_index == [0]
 
     def _split_y(self, v: torch.Tensor) -> List[torch.Tensor]:
-        out, start = [], 0
-        for t in self.y_like:
-            out.append(v[start : start + t.numel()].view_as(t))
-            start += t.numel()
-        return out
+        return from_vector(v, self.y_like)
 
     def _autograd_vjp(self, v: torch.Tensor, wrt: List[torch.Tensor], batched: bool = False) -> List[torch.Tensor]:
         if batched:
-            parts = [v[:, self._offset(i) : self._offset(i) + self.y_like[i].numel()].reshape(
+            parts = [v[:, self._offsets[i] : self._offsets[i] + self.y_like[i].numel()].reshape(
                 v.shape[0], *self.y_like[i].shape) for i in self._gy_index]
         else:
-            parts = [self._split_y(v)[i] for i in self._gy_index]
+            split = self._split_y(v)
+            parts = [split[i] for i in self._gy_index]
         if not self._gy:
             return [None] * len(wrt)
         return list(torch.autograd.grad(self._gy, wrt, parts, retain_graph=True, allow_unused=True,
                                         is_grads_batched=batched))
-
-    def _offset(self, i: int) -> int:
-        return sum(t.numel() for t in self.y_like[:i])
 
     def hvp(self, v: torch.Tensor) -> torch.Tensor:
         r""":math:`\nabla^2_{yy} g\, v` for a flat vector ``v``."""

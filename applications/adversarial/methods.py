@@ -56,7 +56,7 @@ from torch import Tensor, nn
 
 import bilevel as bl
 
-from .attacks import attack_problem, threat_set, uniform_start
+from .attacks import _params, attack_problem, threat_set
 
 __all__ = [
     "TrainingMethod",
@@ -107,11 +107,14 @@ def _rand_like(x: Tensor, generator: Generator) -> Tensor:
     return torch.rand(x.shape, generator=generator, dtype=x.dtype, device=x.device)
 
 
+def _uniform_noise(x: Tensor, radius: float, generator: Generator) -> Tensor:
+    """:math:`U(-r, r)` noise shaped like ``x``, through :func:`_rand_like`."""
+    return (2.0 * _rand_like(x, generator) - 1.0) * radius
+
+
 def _uniform_start(x: Tensor, radius: float, generator: Generator) -> Tensor:
-    """:func:`~applications.adversarial.attacks.uniform_start` with :class:`ShardedGenerator` support."""
-    if not isinstance(generator, ShardedGenerator):
-        return uniform_start(x, radius, generator)
-    return bl.Box(-x, 1.0 - x, check=False).project((2.0 * _rand_like(x, generator) - 1.0) * radius)
+    """:func:`~applications.adversarial.attacks.uniform_start` (same draws) with :class:`ShardedGenerator` support."""
+    return bl.Box(-x, 1.0 - x, check=False).project(_uniform_noise(x, radius, generator))
 
 
 def _attacker(model: nn.Module, attack_model: Optional[nn.Module]) -> nn.Module:
@@ -142,10 +145,6 @@ def bn_stats_frozen(model: nn.Module, enabled: bool = True) -> Iterator[nn.Modul
     finally:
         for m in changed:
             m.track_running_stats = True
-
-
-def _params(model: nn.Module) -> Dict[str, Tensor]:
-    return dict(model.named_parameters())
 
 
 def _check_eps(name: str, eps: float, allow_zero: bool = False) -> None:
@@ -483,14 +482,14 @@ class GradAlign(TrainingMethod):
         if self.ga_coef > 0 and not self.random_start and not self.clean_grad_graph:
             # FGSM from zero takes its sign step along the clean input gradient, which is also the
             # regularizer's constant clean gradient: compute it once (one forward/backward fewer).
-            noise = (2.0 * _rand_like(x, generator) - 1.0) * self.eps
+            noise = _uniform_noise(x, self.eps, generator)
             with bn_stats_frozen(attacker, not self.update_bn_on_attack):
                 g_clean = _input_grad(attacker, x, y, create_graph=False)
                 delta = threat_set(x, self.eps).project(self.step_size * g_clean.sign())
                 reg = gradient_alignment(attacker, x, y, noise, g_clean=g_clean)
         else:
             delta = self.perturbation(model, x, y, generator=generator, attack_model=attack_model)
-            noise = (2.0 * _rand_like(x, generator) - 1.0) * self.eps
+            noise = _uniform_noise(x, self.eps, generator)
             if self.ga_coef > 0:
                 with bn_stats_frozen(attacker, not self.update_bn_on_attack):
                     reg = gradient_alignment(attacker, x, y, noise, self.clean_grad_graph)

@@ -60,7 +60,7 @@ from torch import Tensor, nn
 
 from . import checkpoint as ckpt_lib
 from . import distributed as dist_lib
-from .attacks import robust_accuracy
+from .attacks import _as_images, _EvalMode, robust_accuracy
 from .config import Config, ConfigError, config_to_dict
 from .data import Augment, ImageArrays, load_dataset, train_val_split
 from .methods import ShardedGenerator, build_method
@@ -190,15 +190,12 @@ def evaluate_clean(model: nn.Module, arrays: ImageArrays, batch_size: int, ctx: 
     idx = _shard_range(n, ctx).to(arrays.x.device)
     device = next(model.parameters()).device
     correct = torch.zeros((), dtype=torch.int64, device=device)
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
+    with _EvalMode(model), torch.no_grad():  # restores each submodule's own mode
         for start in range(0, len(idx), batch_size):
             sel = idx[start:start + batch_size]
-            x = arrays.x.index_select(0, sel).to(device).float().div_(255)
+            x = _as_images(arrays.x.index_select(0, sel), device)
             y = arrays.y.index_select(0, sel).to(device)
             correct += (model(x).argmax(1) == y).sum()
-    model.train(was_training)
     correct = dist_lib.reduce_sum(correct, ctx)
     return int(correct) / max(n, 1), n
 
@@ -387,7 +384,6 @@ class Trainer:
             raise ConfigError([f"train.batch_size={cfg.train.batch_size} exceeds the {self.n_train} training images"])
         total = cfg.train.epochs * self.spe
         self.total_steps = min(total, cfg.train.max_steps) if cfg.train.max_steps else total
-        self.local_bs = cfg.train.batch_size // ctx.world_size
 
         torch.manual_seed(cfg.seed)  # identical initialization on every rank
         self.model = build_run_model(cfg, self.data.info).to(self.device)
@@ -403,7 +399,7 @@ class Trainer:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.SGD(self.params, lr=0.0, momentum=cfg.train.momentum,
                                          weight_decay=cfg.train.weight_decay, nesterov=cfg.train.nesterov)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == "fp16") if self.amp == "fp16" else None
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp == "fp16" else None
         self.method = build_method(cfg.method.name, **cfg.method.options)
         self.method_gen = torch.Generator(device=self.device)  # the same on every rank (see _method_generator)
         self.method_gen.manual_seed(mix_seed(cfg.seed, _TAG_METHOD, 0))

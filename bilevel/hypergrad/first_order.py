@@ -23,4 +23,5 @@ class FirstOrder(Strategy):
 
     def solve(self, lower: LowerProblem, x: Tree, init: Tree) -> Tree:
         solver = self._solver(lower, "FirstOrder")
-        return detach_tree(solver.run(lower, detach_tree(x), init, differentiable_steps=0))
+        # run() detaches x and init itself; the output detach keeps the guarantee for solvers that override run()
+        return detach_tree(solver.run(lower, x, init, differentiable_steps=0))

@@ -87,13 +87,13 @@ class Implicit(Strategy):
             b = v
         else:
             d = to_vector(masks).to(v.dtype)
-            not_d = 1.0 - d
+            diag = 1.0 - d + rho  # (I - D) + rho I, built once
 
             def matvec(p: torch.Tensor) -> torch.Tensor:
-                return d * lin.hvp(d * p) + (not_d + rho) * p
+                return torch.addcmul(d * lin.hvp(d * p), diag, p)
 
             def matmat(P: torch.Tensor) -> torch.Tensor:
-                return d * lin.hvp_batched(d * P) + (not_d + rho) * P
+                return torch.addcmul(d * lin.hvp_batched(d * P), diag, P)
 
             b = d * v
         u, info = self.linear_solver(matvec, b, matmat)

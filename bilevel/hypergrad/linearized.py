@@ -76,9 +76,7 @@ class Linearized(Strategy):
         step = self.step
         if self.sign:
             u = tree_map(lambda t, d: t - step * d.sign(), z, grad)
-        elif not differentiable:
-            u = tree_map(lambda t, d: t - step * d.detach(), z, grad)
-        elif scale == step:
+        elif not differentiable or scale == step:  # without a graph the gradient is already detached
             u = tree_map(lambda t, d: t - step * d, z, grad)
         else:
             # value z - step * d, derivative -scale * dd

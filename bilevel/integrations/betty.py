@@ -71,7 +71,6 @@ import torch
 from torch import nn
 
 from .. import ClosedForm, FirstOrder, Implicit, Linearized, LowerProblem, Strategy, solve
-from ..constraints import Constraint
 
 __all__ = ["register", "unregister", "BettyHypergradient", "ConstrainedProblem", "betty_available"]
 
@@ -257,6 +256,10 @@ class BettyHypergradient:
         return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, x_params)]
 
 
+def _no_objective(x: Any, y: Any) -> torch.Tensor:  # pragma: no cover - LowerProblem used for project() only
+    raise RuntimeError("bilevel.integrations.betty: this LowerProblem only projects")
+
+
 def _constraint_of(problem: Any) -> Any:
     get = getattr(problem, "get_constraint", None)
     if callable(get):
@@ -300,11 +303,10 @@ class ConstrainedProblem:
         if constraint is None:
             return
         params = list(self.trainable_parameters())
-        cs = [constraint] * len(params) if isinstance(constraint, Constraint) else list(constraint)
-        if len(cs) != len(params):
-            raise ValueError(f"ConstrainedProblem: {len(cs)} constraints for {len(params)} trainable parameters")
+        # the same constraint-to-parameter matching as the hypergradient in BettyHypergradient.vjp
         with torch.no_grad():
-            for c, p in zip(cs, params):
-                if c is not None:
-                    p.copy_(c.project(p))
+            projected = LowerProblem(objective=_no_objective, constraint=constraint).project(params)
+            for p, q in zip(params, projected):
+                if q is not p:
+                    p.copy_(q)
 
