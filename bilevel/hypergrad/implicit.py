@@ -59,6 +59,8 @@ class Implicit(Strategy):
     def __post_init__(self) -> None:
         if self.damping < 0:
             raise ValueError(f"Implicit: damping must be >= 0, got {self.damping}")
+        if not self.mask_tol >= 0:  # a negative tolerance would call every bounded coordinate free
+            raise ValueError(f"Implicit: mask_tol must be >= 0, got {self.mask_tol}")
 
     def solve(self, lower: LowerProblem, x: Tree, init: Tree) -> Tree:
         self._solver(lower, "Implicit")

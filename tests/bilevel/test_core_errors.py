@@ -103,6 +103,8 @@ def test_argument_validation():
         (lambda: bl.Linearized(step=0.1, lam=-1.0), "Linearized: lam must be > 0"),
         (lambda: bl.Unrolled(truncate=-1), "Unrolled: truncate must be >= 0"),
         (lambda: bl.Implicit(damping=-0.1), "Implicit: damping must be >= 0"),
+        (lambda: bl.Implicit(mask_tol=-1.0), "Implicit: mask_tol must be >= 0"),
+        (lambda: bl.Implicit(mask_tol=float("nan")), "Implicit: mask_tol must be >= 0"),
         (lambda: bl.GradientDescent(0.1, -1), "GradientDescent: steps must be a non-negative integer"),
         (lambda: bl.ProjectedGradient(0.1, 2.5), "ProjectedGradient: steps must be a non-negative integer"),
         (lambda: bl.SignedProjectedGradient(0.0, 3), "SignedProjectedGradient: step_size must be > 0"),
