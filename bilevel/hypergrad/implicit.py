@@ -57,7 +57,7 @@ class Implicit(Strategy):
     last_info: Optional[LinearSolveInfo] = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.damping < 0:
+        if not self.damping >= 0:
             raise ValueError(f"Implicit: damping must be >= 0, got {self.damping}")
         if not self.mask_tol >= 0:  # a negative tolerance would call every bounded coordinate free
             raise ValueError(f"Implicit: mask_tol must be >= 0, got {self.mask_tol}")

@@ -103,6 +103,7 @@ def test_argument_validation():
         (lambda: bl.Linearized(step=0.1, lam=-1.0), "Linearized: lam must be > 0"),
         (lambda: bl.Unrolled(truncate=-1), "Unrolled: truncate must be >= 0"),
         (lambda: bl.Implicit(damping=-0.1), "Implicit: damping must be >= 0"),
+        (lambda: bl.Implicit(damping=float("nan")), "Implicit: damping must be >= 0"),
         (lambda: bl.Implicit(mask_tol=-1.0), "Implicit: mask_tol must be >= 0"),
         (lambda: bl.Implicit(mask_tol=float("nan")), "Implicit: mask_tol must be >= 0"),
         (lambda: bl.GradientDescent(0.1, -1), "GradientDescent: steps must be a non-negative integer"),
