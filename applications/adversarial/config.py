@@ -48,6 +48,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import yaml
 
+from .data import DATASETS, PATH_MUST_EXIST, PATH_REQUIRED
+
 __all__ = [
     "AugmentConfig",
     "COConfig",
@@ -60,8 +62,8 @@ __all__ = [
     "ModelConfig",
     "OutputConfig",
     "TrainConfig",
-    "DOUBLE_BACKWARD_METHODS",
     "CONFIG_DIR",
+    "EXIT_CONFIG",
     "QUICKSTART",
     "apply_overrides",
     "as_float",
@@ -71,26 +73,10 @@ __all__ = [
     "parse_override",
 ]
 
+#: Exit status of the commands on an invalid configuration (or an unusable run directory / checkpoint).
+EXIT_CONFIG = 2
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 QUICKSTART = CONFIG_DIR / "quickstart.yaml"
-
-#: dataset name -> whether ``data.path`` is required.
-DATASETS: Dict[str, bool] = {
-    "mnist5k": False,
-    "digits": False,
-    "image_folder": True,
-    "npz": True,
-    "cifar10": True,
-    "cifar100": True,
-    "svhn": True,
-}
-#: datasets whose ``path`` must already exist (the torchvision ones may download into it).
-_PATH_MUST_EXIST = {"image_folder", "npz"}
-
-#: methods whose loss differentiates through an input gradient (create_graph=True): torch.compile's
-#: AOT autograd does not support double backward, so ``train.compile`` is refused for them.
-DOUBLE_BACKWARD_METHODS = {"fast_bat", "grad_align"}
-
 
 class ConfigError(ValueError):
     """A configuration with one or more problems; ``problems`` lists each one."""
@@ -374,7 +360,7 @@ def _model_key(name: str) -> Optional[str]:
     from . import models
 
     key = name.strip().lower().replace("-", "_")
-    key = models._ALIASES.get(key, key)
+    key = models.MODEL_ALIASES.get(key, key)
     return key if key in models.MODELS else None
 
 
@@ -563,9 +549,9 @@ def _validate(cfg: Config, problems: List[str]) -> None:
     if d.name not in DATASETS:
         problems.append(f"data.name: unknown dataset {d.name!r}{_did_you_mean(d.name, sorted(DATASETS))}; "
                         f"valid: {', '.join(DATASETS)}")
-    elif DATASETS[d.name] and not d.path:
+    elif d.name in PATH_REQUIRED and not d.path:
         problems.append(f"data.path: dataset {d.name!r} needs a path (add data.path=/path/to/{d.name})")
-    elif d.name in _PATH_MUST_EXIST and d.path and not os.path.exists(os.path.expanduser(d.path)):
+    elif d.name in PATH_MUST_EXIST and d.path and not os.path.exists(os.path.expanduser(d.path)):
         problems.append(f"data.path: {d.path!r} does not exist")
     nonneg("data.n_val", d.n_val)
     if d.n_train is not None:
@@ -595,9 +581,13 @@ def _validate(cfg: Config, problems: List[str]) -> None:
         try:  # the method's own checks (e.g. eps > 0 for attacks, lam > 0)
             from .methods import build_method
 
-            build_method(cfg.method.name, **cfg.method.options)
+            method = build_method(cfg.method.name, **cfg.method.options)
         except (TypeError, ValueError) as exc:
             problems.append(f"method: {exc}")
+        else:
+            if cfg.train.compile and method.requires_double_backward:
+                problems.append(f"train.compile: method {cfg.method.name!r} needs double backward, "
+                                "which torch.compile does not support; set train.compile=false")
     if not any(p.startswith(("eval.eps", "method")) for p in problems) and cfg.eps <= 0:
         problems.append(f"eval.eps: method {cfg.method.name!r} has eps {cfg.eps}; set the evaluation radius "
                         "(e.g. eval.eps=8/255)")
@@ -623,9 +613,6 @@ def _validate(cfg: Config, problems: List[str]) -> None:
         problems.append(f"train.amp: expected bf16 | fp16 | none, got {t.amp!r}")
     if t.nesterov and t.momentum == 0:
         problems.append("train.nesterov: needs train.momentum > 0")
-    if t.compile and cfg.method.name in DOUBLE_BACKWARD_METHODS:
-        problems.append(f"train.compile: method {cfg.method.name!r} needs double backward, "
-                        "which torch.compile does not support; set train.compile=false")
 
     e = cfg.eval
     if e.eps is not None and not (0.0 <= e.eps <= 1.0):

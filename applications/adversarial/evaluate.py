@@ -27,26 +27,14 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-if __package__ in (None, ""):  # run as a script (see train.py)
-    _here = Path(__file__).resolve().parent
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
-    sys.path.insert(0, str(_here.parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from applications.adversarial import checkpoint as ckpt_lib  # noqa: E402
-from applications.adversarial.config import ConfigError, as_float, load_config  # noqa: E402
-from applications.adversarial.distributed import DistContext, resolve_device  # noqa: E402
-from applications.adversarial.trainer import (  # noqa: E402
-    _TAG_TEST,
-    EXIT_CONFIG,
-    build_run_model,
-    evaluate_clean,
-    evaluate_robust,
-    format_table,
-    load_run_data,
-    mix_seed,
-)
+from applications.adversarial import checkpoint as ckpt_lib
+from applications.adversarial.build import build_run_model, load_run_data
+from applications.adversarial.config import EXIT_CONFIG, ConfigError, as_float, load_config
+from applications.adversarial.distributed import DistContext, resolve_device
+from applications.adversarial.evaluation import autoattack_accuracy, evaluate_clean, evaluate_robust, format_table
+from applications.adversarial.seeds import Stream, mix_seed
 
 ATTACKS = ("clean", "pgd", "autoattack")
 
@@ -96,13 +84,11 @@ def evaluate_checkpoint(path: Path, attacks: List[str], n: Optional[int] = None,
             label = "clean"
         elif attack == "pgd":
             r = evaluate_robust(model, data.test, n, eps, pgd_steps, pgd_restarts, pgd_step_size, bs,
-                                mix_seed(cfg.seed, _TAG_TEST), ctx)
+                                mix_seed(cfg.seed, Stream.TEST), ctx)
             res = {"accuracy": r["robust_acc"], "clean_acc": r["clean_acc"], "steps": pgd_steps,
                    "restarts": pgd_restarts, "step_size": pgd_step_size if pgd_step_size is not None else eps / 4}
             label = f"PGD-{pgd_steps}-{pgd_restarts}"
         else:
-            from applications.adversarial.attacks import autoattack_accuracy
-
             label = f"AutoAttack ({aa_version})"
             try:
                 version: Any = aa_version if aa_version in ("standard", "plus", "rand") else aa_version.split(",")

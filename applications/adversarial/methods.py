@@ -30,8 +30,9 @@ module under the ``DistributedDataParallel`` wrapper, whose parameters are the s
 the final training forward :math:`h_\theta(x + \delta^\star)` through ``model``. One backward then
 reaches each parameter both directly and through :math:`\delta^\star(\theta)`; autograd sums both
 before the parameter's gradient-accumulation hook fires, so DDP all-reduces the total hypergradient
-once. ``attack_model=None`` means ``model``. :class:`ShardedGenerator` makes the random starts of a
-rank the rank's rows of the single-process draw for the global batch.
+once. ``attack_model=None`` means ``model``.
+:class:`~applications.adversarial.attacks.ShardedGenerator` makes the random starts of a rank the rank's
+rows of the single-process draw for the global batch.
 
 **BatchNorm.** Attack passes run the model in its current mode, so in train mode BatchNorm normalizes
 with the batch statistics (as the official code does) but, by default
@@ -47,8 +48,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Tuple, Type, Union
+from typing import Dict, Iterator, List, Optional, Tuple, Type
 
 import torch
 import torch.nn.functional as F
@@ -56,7 +58,7 @@ from torch import Tensor, nn
 
 import bilevel as bl
 
-from .attacks import _params, attack_problem, threat_set
+from .attacks import Generator, attack_problem, model_params, threat_set, uniform_noise, uniform_start
 
 __all__ = [
     "TrainingMethod",
@@ -68,53 +70,9 @@ __all__ = [
     "NFGSM",
     "METHODS",
     "build_method",
-    "ShardedGenerator",
     "bn_stats_frozen",
     "gradient_alignment",
 ]
-
-
-@dataclass(frozen=True)
-class ShardedGenerator:
-    r"""Random draws of one rank of a data-parallel step, equal to its part of the single-process draw.
-
-    The global batch of ``world_size * n`` samples is split strided: rank ``r`` holds global rows
-    ``r, r + W, r + 2W, ...``. A draw shaped like the local batch ``(n, ...)`` is taken as a draw for the
-    global batch ``(W n, ...)`` from ``generator`` (seeded identically on every rank) and its rows
-    ``[rank::world_size]``, so every sample gets the random start it would get in one process with the
-    same generator state (at the cost of ``W`` times the random numbers, negligible next to a forward).
-    """
-
-    generator: torch.Generator
-    rank: int
-    world_size: int
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.rank < self.world_size:
-            raise ValueError(f"ShardedGenerator: need 0 <= rank < world_size, got rank={self.rank}, "
-                             f"world_size={self.world_size}")
-
-
-Generator = Union[torch.Generator, ShardedGenerator, None]
-
-
-def _rand_like(x: Tensor, generator: Generator) -> Tensor:
-    """:math:`U[0, 1)` draws shaped like ``x`` (see :class:`ShardedGenerator` for the data-parallel case)."""
-    if isinstance(generator, ShardedGenerator):
-        shape = (x.shape[0] * generator.world_size, *x.shape[1:])
-        u = torch.rand(shape, generator=generator.generator, dtype=x.dtype, device=x.device)
-        return u[generator.rank::generator.world_size]
-    return torch.rand(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-
-
-def _uniform_noise(x: Tensor, radius: float, generator: Generator) -> Tensor:
-    """:math:`U(-r, r)` noise shaped like ``x``, through :func:`_rand_like`."""
-    return (2.0 * _rand_like(x, generator) - 1.0) * radius
-
-
-def _uniform_start(x: Tensor, radius: float, generator: Generator) -> Tensor:
-    """:func:`~applications.adversarial.attacks.uniform_start` (same draws) with :class:`ShardedGenerator` support."""
-    return bl.Box(-x, 1.0 - x, check=False).project(_uniform_noise(x, radius, generator))
 
 
 def _attacker(model: nn.Module, attack_model: Optional[nn.Module]) -> nn.Module:
@@ -171,12 +129,19 @@ class TrainingMethod:
 
     name: str = ""
 
+    @property
+    def requires_double_backward(self) -> bool:
+        """Whether ``loss(...).backward()`` differentiates through an input gradient (a double backward,
+        which ``torch.compile``'s AOT autograd does not support)."""
+        return False
+
     def perturbation(self, model: nn.Module, x: Tensor, y: Tensor, *, generator: Generator = None,
                      attack_model: Optional[nn.Module] = None) -> Tensor:
         r"""The training perturbation :math:`\delta^\star(\theta)`, shaped like ``x``; its autograd graph to the
         parameters is the method's hypergradient (none for first-order methods).
 
-        ``generator`` (on ``x``'s device; a :class:`torch.Generator` or a :class:`ShardedGenerator`)
+        ``generator`` (on ``x``'s device; a :class:`torch.Generator` or a
+        :class:`~applications.adversarial.attacks.ShardedGenerator`)
         controls the method's randomness; ``None`` uses the global one. Every pass runs through
         ``attack_model`` if given (a module sharing ``model``'s parameters, e.g. the one under a DDP
         wrapper), else ``model``.
@@ -246,9 +211,9 @@ class FastAT(TrainingMethod):
                      attack_model: Optional[nn.Module] = None) -> Tensor:
         model = _attacker(model, attack_model)
         attack = attack_problem(model, x, y, threat_set(x, self.eps))
-        z0 = _uniform_start(x, self.eps, generator)
+        z0 = uniform_start(x, self.eps, generator)
         with bn_stats_frozen(model, not self.update_bn_on_attack):
-            return bl.solve(attack, _params(model), z0, bl.Linearized(step=self.step_size, sign=True), check_finite=False)
+            return bl.solve(attack, model_params(model), z0, bl.Linearized(step=self.step_size, sign=True), check_finite=False)
 
 
 def _official_attack_step(eps: float) -> float:
@@ -278,27 +243,18 @@ class FastBAT(TrainingMethod):
         attack_step: step of the value :math:`\delta^\star`; ``None`` means the official ``attack_lr``:
             ``5000/255`` for ``eps <= 8/255``, else ``2000/255`` (for the summed attack loss).
         z_step: step from :math:`z_0` to :math:`z` (non-sign, projected); ``None`` means ``attack_step``.
-        lam: :math:`\lambda` of the implicit term. Default ``10.0``, the official code's value: the
-            value uses ``attack_step`` and the derivative ``1/lam`` (decoupled; with the official step
-            the implicit term is about ``1/(10 * 19.6)`` ≈ 0.5% of the exact one-step derivative).
-            ``None`` means ``1/attack_step``: the exact derivative of the one-step map (the paper's
-            :math:`\lambda = 1/\alpha`). ``math.inf`` drops the implicit term (first order; no
-            second-order graph is built): the ablation. Why 10 is the default: at small scale the
-            exact ``lam = 1/attack_step`` made training collapse or degrade in every run measured
-            (MNIST and CIFAR-10 subsets, see REFERENCE §1), while ``lam = 10`` trained normally, so
-            the safe, reproducible default is the official one; :math:`\lambda` is a real
-            hyperparameter and worth sweeping.
-        mask_tol: ``None`` (default): :math:`H_C` is the clamp's own derivative: a coordinate is free
-            unless the unprojected step lies strictly outside its bounds (an exact tie counts as free).
-            A float ``t``: only coordinates strictly inside by more than ``t`` are free, as the official
-            code (``t = 1e-7``). The official code clips in two steps (ball, then ``x + δ`` to the
-            box), which leaves active coordinates one rounding error off their bound and so needs the
-            tolerance; the core clamps once to the combined bounds, so active coordinates sit exactly
-            on them and the two masks differ only on coordinates within ``t`` of a bound.
-        update_bn_on_attack: let the two attack passes update BatchNorm running statistics.
+        lam: :math:`\lambda` of the implicit term; default ``10.0``, the official code's value (the value
+            uses ``attack_step``, the derivative ``1/lam``). ``None`` means ``1/attack_step``, the exact
+            derivative of the one-step map (the paper's :math:`\lambda = 1/\alpha`); ``math.inf`` drops
+            the implicit term (first order, no second-order graph). Why 10 is the default: "The λ
+            question" of the adversarial-training guide (docs/adversarial.md).
+        mask_tol: ``None`` (default): :math:`H_C` is the clamp's own derivative (a coordinate is free
+            unless the unprojected step lies strictly outside its bounds). A float ``t``: only
+            coordinates strictly inside by more than ``t`` are free, as the official code (``t = 1e-7``).
+        update_bn_on_attack: let the attack passes update BatchNorm running statistics.
 
-    :meth:`official` returns the official code's settings. The defaults share its steps and ``lam = 10``
-    but differ in two ways: ``mask_tol=None`` (the clamp's mask) and ``update_bn_on_attack=False``.
+    :meth:`official` returns the official code's settings; the defaults differ from it in
+    ``mask_tol=None`` and ``update_bn_on_attack=False``.
     """
 
     eps: float
@@ -335,7 +291,13 @@ class FastBAT(TrainingMethod):
         return cls(eps=eps, **options)
 
     @property
+    def requires_double_backward(self) -> bool:
+        """True unless ``lam`` is infinite (no implicit term, no second-order graph)."""
+        return self.lam is None or math.isfinite(self.lam)
+
+    @property
     def strategy(self) -> bl.Linearized:
+        """The lower-level strategy: :class:`bilevel.Linearized` at :math:`z` with this method's step, lam, mask."""
         return bl.Linearized(step=self.attack_step, lam=self.lam, mask_tol=self.mask_tol)
 
     def perturbation(self, model: nn.Module, x: Tensor, y: Tensor, *, generator: Generator = None,
@@ -345,9 +307,9 @@ class FastBAT(TrainingMethod):
         model = _attacker(model, attack_model)
         constraint = threat_set(x, self.eps)
         attack = attack_problem(model, x, y, constraint, bl.ProjectedGradient(step_size=self.z_step, steps=1))
-        params = _params(model)
+        params = model_params(model)
         with bn_stats_frozen(model, not self.update_bn_on_attack):
-            z = attack.solver.run(attack, params, _uniform_start(x, self.eps, generator))
+            z = attack.solver.run(attack, params, uniform_start(x, self.eps, generator))
             return bl.solve(attack, params, z, self.strategy, check_finite=False)
 
 
@@ -386,7 +348,7 @@ class PGDAT(TrainingMethod):
         solver = bl.SignedProjectedGradient(step_size=self.step_size, steps=self.steps)
         attack = attack_problem(model, x, y, threat_set(x, self.eps), solver)
         with bn_stats_frozen(model, not self.update_bn_on_attack):
-            return bl.solve(attack, _params(model), _uniform_start(x, self.eps, generator), bl.FirstOrder(),
+            return bl.solve(attack, model_params(model), uniform_start(x, self.eps, generator), bl.FirstOrder(),
                             check_finite=False)
 
 
@@ -467,13 +429,18 @@ class GradAlign(TrainingMethod):
         if self.step_size is None:
             self.step_size = 1.25 * self.eps if self.random_start else self.eps
 
+    @property
+    def requires_double_backward(self) -> bool:
+        """True when the regularizer is on (``ga_coef > 0``): its noisy input gradient is differentiated."""
+        return self.ga_coef > 0
+
     def perturbation(self, model: nn.Module, x: Tensor, y: Tensor, *, generator: Generator = None,
                      attack_model: Optional[nn.Module] = None) -> Tensor:
         model = _attacker(model, attack_model)
         attack = attack_problem(model, x, y, threat_set(x, self.eps))
-        z0 = _uniform_start(x, self.eps, generator) if self.random_start else torch.zeros_like(x)
+        z0 = uniform_start(x, self.eps, generator) if self.random_start else torch.zeros_like(x)
         with bn_stats_frozen(model, not self.update_bn_on_attack):
-            return bl.solve(attack, _params(model), z0, bl.Linearized(step=self.step_size, sign=True), check_finite=False)
+            return bl.solve(attack, model_params(model), z0, bl.Linearized(step=self.step_size, sign=True), check_finite=False)
 
     def loss(self, model: nn.Module, x: Tensor, y: Tensor, *, generator: Generator = None,
              attack_model: Optional[nn.Module] = None) -> Tuple[Tensor, Tensor]:
@@ -482,14 +449,14 @@ class GradAlign(TrainingMethod):
         if self.ga_coef > 0 and not self.random_start and not self.clean_grad_graph:
             # FGSM from zero takes its sign step along the clean input gradient, which is also the
             # regularizer's constant clean gradient: compute it once (one forward/backward fewer).
-            noise = _uniform_noise(x, self.eps, generator)
+            noise = uniform_noise(x, self.eps, generator)
             with bn_stats_frozen(attacker, not self.update_bn_on_attack):
                 g_clean = _input_grad(attacker, x, y, create_graph=False)
                 delta = threat_set(x, self.eps).project(self.step_size * g_clean.sign())
                 reg = gradient_alignment(attacker, x, y, noise, g_clean=g_clean)
         else:
             delta = self.perturbation(model, x, y, generator=generator, attack_model=attack_model)
-            noise = _uniform_noise(x, self.eps, generator)
+            noise = uniform_noise(x, self.eps, generator)
             if self.ga_coef > 0:
                 with bn_stats_frozen(attacker, not self.update_bn_on_attack):
                     reg = gradient_alignment(attacker, x, y, noise, self.clean_grad_graph)
@@ -532,9 +499,9 @@ class NFGSM(TrainingMethod):
                      attack_model: Optional[nn.Module] = None) -> Tensor:
         model = _attacker(model, attack_model)
         attack = attack_problem(model, x, y, threat_set(x, None))
-        z0 = _uniform_start(x, self.noise_mult * self.eps, generator)
+        z0 = uniform_start(x, self.noise_mult * self.eps, generator)
         with bn_stats_frozen(model, not self.update_bn_on_attack):
-            return bl.solve(attack, _params(model), z0, bl.Linearized(step=self.step_size, sign=True), check_finite=False)
+            return bl.solve(attack, model_params(model), z0, bl.Linearized(step=self.step_size, sign=True), check_finite=False)
 
 
 METHODS: Dict[str, Type[TrainingMethod]] = {

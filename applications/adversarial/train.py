@@ -18,25 +18,15 @@ Exit codes: 0 done, 2 invalid configuration / unusable run directory or checkpoi
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
 from typing import List, Optional
 
-if __package__ in (None, ""):  # run as a script: drop this folder from the path (its data.py etc. would
-    _here = Path(__file__).resolve().parent  # shadow top-level modules) and make the repo importable
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
-    sys.path.insert(0, str(_here.parents[1]))
-
-from applications.adversarial.checkpoint import CheckpointError, load  # noqa: E402
-from applications.adversarial.config import QUICKSTART, ConfigError, load_config, read_yaml  # noqa: E402
-from applications.adversarial.trainer import (  # noqa: E402
-    EXIT_CONFIG,
-    EXIT_DIVERGED,
-    RunDirError,
-    TrainingDiverged,
-    train,
-)
+from applications.adversarial.checkpoint import CheckpointError, load
+from applications.adversarial.config import EXIT_CONFIG, QUICKSTART, ConfigError, load_config, read_yaml
+from applications.adversarial.trainer import EXIT_DIVERGED, ConsoleHandler, RunDirError, TrainingDiverged, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,8 +40,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def log_to_console() -> None:
+    """The application's log messages (INFO and above) on stdout, once."""
+    log = logging.getLogger("applications.adversarial")
+    if not any(isinstance(h, ConsoleHandler) for h in log.handlers):
+        handler = ConsoleHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    """The train command; returns its exit status."""
     args = build_parser().parse_args(argv)
+    log_to_console()
     try:
         if args.resume is not None:
             last = args.resume / "last.pt"
