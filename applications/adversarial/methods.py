@@ -69,7 +69,9 @@ __all__ = [
     "GradAlign",
     "NFGSM",
     "METHODS",
+    "OptionError",
     "build_method",
+    "check_eps",
     "bn_stats_frozen",
     "gradient_alignment",
 ]
@@ -105,23 +107,33 @@ def bn_stats_frozen(model: nn.Module, enabled: bool = True) -> Iterator[nn.Modul
             m.track_running_stats = True
 
 
-def _check_eps(name: str, eps: float, allow_zero: bool = False) -> None:
+class OptionError(ValueError):
+    """An invalid option of a training method: ``method`` (its name), ``option`` (the field) and
+    ``detail`` (what is wrong, e.g. "must be a number > 0, got -1")."""
+
+    def __init__(self, method: str, option: str, detail: str) -> None:
+        self.method, self.option, self.detail = method, option, detail
+        super().__init__(f"{method}: {option} {detail}")
+
+
+def check_eps(name: str, eps: float, allow_zero: bool = False) -> None:
+    """The methods' rule for ``eps``: a number in (0, 1] (pixel units; [0, 1] with ``allow_zero``)."""
     ok = isinstance(eps, (int, float)) and not isinstance(eps, bool) and (0.0 <= eps <= 1.0 if allow_zero else 0.0 < eps <= 1.0)
     if not ok:
         interval = "[0, 1]" if allow_zero else "(0, 1]"
-        raise ValueError(f"{name}: eps must be a number in {interval} (pixel units, e.g. 8/255), got {eps!r}")
+        raise OptionError(name, "eps", f"must be a number in {interval} (pixel units, e.g. 8/255), got {eps!r}")
 
 
 def _check_positive(name: str, option: str, value: Optional[float], allow_none: bool = True) -> None:
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{name}: {option} must be a number > 0, got {value!r}")
+        raise OptionError(name, option, f"must be a number > 0, got {value!r}")
 
 
 def _check_bool(name: str, option: str, value: object) -> None:
     if not isinstance(value, bool):
-        raise ValueError(f"{name}: {option} must be true or false, got {value!r}")
+        raise OptionError(name, option, f"must be true or false, got {value!r}")
 
 
 class TrainingMethod:
@@ -168,7 +180,7 @@ class Standard(TrainingMethod):
     name = "standard"
 
     def __post_init__(self) -> None:
-        _check_eps("standard", self.eps, allow_zero=True)
+        check_eps("standard", self.eps, allow_zero=True)
 
     def perturbation(self, model: nn.Module, x: Tensor, y: Tensor, *, generator: Generator = None,
                      attack_model: Optional[nn.Module] = None) -> Tensor:
@@ -201,7 +213,7 @@ class FastAT(TrainingMethod):
     name = "fast_at"
 
     def __post_init__(self) -> None:
-        _check_eps(self.name, self.eps)
+        check_eps(self.name, self.eps)
         _check_positive(self.name, "step_size", self.step_size)
         _check_bool(self.name, "update_bn_on_attack", self.update_bn_on_attack)
         if self.step_size is None:
@@ -266,18 +278,18 @@ class FastBAT(TrainingMethod):
     name = "fast_bat"
 
     def __post_init__(self) -> None:
-        _check_eps(self.name, self.eps)
+        check_eps(self.name, self.eps)
         _check_positive(self.name, "attack_step", self.attack_step)
         _check_positive(self.name, "z_step", self.z_step)
         if self.lam is not None and not isinstance(self.lam, bool) and isinstance(self.lam, (int, float)) \
                 and self.lam == 0:
-            raise ValueError(f"{self.name}: lam must be > 0; for the official code's --lmbda 0 (lam = 1/attack_step, "
-                             "the exact implicit term) pass lam=None (YAML: lam: null)")
+            raise OptionError(self.name, "lam", "must be > 0; for the official code's --lmbda 0 (lam = 1/attack_step, "
+                              "the exact implicit term) pass lam=None (YAML: lam: null)")
         _check_positive(self.name, "lam", self.lam)
         _check_bool(self.name, "update_bn_on_attack", self.update_bn_on_attack)
         if self.mask_tol is not None and (isinstance(self.mask_tol, bool) or not isinstance(self.mask_tol, (int, float))
                                           or not self.mask_tol >= 0):
-            raise ValueError(f"{self.name}: mask_tol must be None or a number >= 0, got {self.mask_tol!r}")
+            raise OptionError(self.name, "mask_tol", f"must be None or a number >= 0, got {self.mask_tol!r}")
         if self.attack_step is None:
             self.attack_step = _official_attack_step(self.eps)
         if self.z_step is None:
@@ -334,9 +346,9 @@ class PGDAT(TrainingMethod):
     name = "pgd"
 
     def __post_init__(self) -> None:
-        _check_eps(self.name, self.eps)
+        check_eps(self.name, self.eps)
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"{self.name}: steps must be an integer >= 1, got {self.steps!r}")
+            raise OptionError(self.name, "steps", f"must be an integer >= 1, got {self.steps!r}")
         _check_positive(self.name, "step_size", self.step_size)
         _check_bool(self.name, "update_bn_on_attack", self.update_bn_on_attack)
         if self.step_size is None:
@@ -413,7 +425,7 @@ class GradAlign(TrainingMethod):
     name = "grad_align"
 
     def __post_init__(self) -> None:
-        _check_eps(self.name, self.eps)
+        check_eps(self.name, self.eps)
         _check_positive(self.name, "step_size", self.step_size)
         for option in ("random_start", "clean_grad_graph", "update_bn_on_attack"):
             _check_bool(self.name, option, getattr(self, option))
@@ -421,11 +433,11 @@ class GradAlign(TrainingMethod):
             published = {8: 0.2, 16: 2.0}
             key = round(self.eps * 255)
             if key not in published or abs(self.eps * 255 - key) > 1e-6:
-                raise ValueError(f"{self.name}: no published ga_coef for eps={self.eps!r}; set ga_coef explicitly "
-                                 "(0.2 at 8/255 and 2.0 at 16/255 in Andriushchenko & Flammarion, 2020)")
+                raise OptionError(self.name, "ga_coef", f"is required: no published ga_coef for eps={self.eps!r}; set it "
+                                  "explicitly (0.2 at 8/255 and 2.0 at 16/255 in Andriushchenko & Flammarion, 2020)")
             self.ga_coef = published[key]
         if isinstance(self.ga_coef, bool) or not isinstance(self.ga_coef, (int, float)) or not self.ga_coef >= 0:
-            raise ValueError(f"{self.name}: ga_coef must be a number >= 0, got {self.ga_coef!r}")
+            raise OptionError(self.name, "ga_coef", f"must be a number >= 0, got {self.ga_coef!r}")
         if self.step_size is None:
             self.step_size = 1.25 * self.eps if self.random_start else self.eps
 
@@ -487,11 +499,11 @@ class NFGSM(TrainingMethod):
     name = "n_fgsm"
 
     def __post_init__(self) -> None:
-        _check_eps(self.name, self.eps)
+        check_eps(self.name, self.eps)
         _check_positive(self.name, "step_size", self.step_size)
         _check_bool(self.name, "update_bn_on_attack", self.update_bn_on_attack)
         if isinstance(self.noise_mult, bool) or not isinstance(self.noise_mult, (int, float)) or not self.noise_mult >= 0:
-            raise ValueError(f"{self.name}: noise_mult must be a number >= 0, got {self.noise_mult!r}")
+            raise OptionError(self.name, "noise_mult", f"must be a number >= 0, got {self.noise_mult!r}")
         if self.step_size is None:
             self.step_size = self.eps
 
