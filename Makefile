@@ -23,10 +23,10 @@ $(VENV)/.dev: $(VENV)/.apps
 	touch $@
 
 train: $(VENV)/.apps
-	$(PY) applications/adversarial/train.py $(ARGS)
+	$(VENV)/bin/bilevel-train $(ARGS)
 
 hyperopt: $(VENV)/.apps
-	$(PY) -m applications.hyperopt
+	$(VENV)/bin/bilevel-hyperopt
 
 test: $(VENV)/.dev
 	$(PY) -m ruff check .

@@ -1,8 +1,10 @@
 """Command line: evaluate a checkpoint's clean and robust test accuracy.
 
-    python applications/adversarial/evaluate.py runs/quickstart                 # best.pt of the run (else last.pt)
-    python applications/adversarial/evaluate.py runs/x/last.pt --n 1000 --attacks clean,pgd,autoattack
-    python applications/adversarial/evaluate.py ckpt.pt --data-path /data/cifar10 --eps 8/255
+    bilevel-evaluate runs/quickstart                 # best.pt of the run (else last.pt)
+    bilevel-evaluate runs/x/last.pt --n 1000 --attacks clean,pgd,autoattack
+    bilevel-evaluate ckpt.pt --data-path /data/cifar10 --eps 8/255
+
+(also ``python -m applications.adversarial evaluate ...`` or ``python applications/adversarial/evaluate.py``)
 
 The checkpoint is loaded with ``torch.load(weights_only=True)``; the model and the test data are
 rebuilt from the configuration stored in it (``--data-path`` replaces the data location). Attacks:
@@ -107,8 +109,10 @@ def evaluate_checkpoint(path: Path, attacks: List[str], n: Optional[int] = None,
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    """The evaluate command; returns its exit status."""
+    torch.set_grad_enabled(True)
+    p = argparse.ArgumentParser(prog="bilevel-evaluate", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("checkpoint", type=Path, help="a .pt checkpoint or a run directory")
     p.add_argument("--n", type=int, default=None, help="first N test images (default: eval.test_n of the run)")
     p.add_argument("--batch-size", type=int, default=None)
@@ -161,5 +165,4 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    torch.set_grad_enabled(True)
     sys.exit(main())

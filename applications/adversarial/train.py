@@ -1,9 +1,11 @@
 """Command line: train a model adversarially (or resume a run).
 
-    python applications/adversarial/train.py                               # the quickstart config
-    python applications/adversarial/train.py --config configs/fast_bat_cifar10_8.yaml data.path=/data/cifar10
-    python applications/adversarial/train.py --resume runs/<name>          # continue from runs/<name>/last.pt
-    torchrun --nproc_per_node 2 applications/adversarial/train.py --config ...   # data parallel
+    bilevel-train                                       # the quickstart config
+    bilevel-train --config applications/adversarial/configs/cifar10_fast_bat_8.yaml data.path=/data/cifar10
+    bilevel-train --resume runs/<name>                  # continue from runs/<name>/last.pt
+    torchrun --nproc_per_node 2 -m applications.adversarial.train --config ...   # data parallel
+
+(also ``python -m applications.adversarial ...`` or ``python applications/adversarial/train.py ...``)
 
 Overrides are ``key.sub=value`` (YAML values; fractions such as ``method.eps=8/255`` work). With
 ``--resume RUN_DIR`` the run's stored config is the base (``--config`` and overrides may change
@@ -30,7 +32,7 @@ from applications.adversarial.trainer import EXIT_DIVERGED, ConsoleHandler, RunD
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="bilevel-train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--config", type=Path, default=None, help=f"YAML config (default: {QUICKSTART.name}, or the "
                    "resumed run's config)")
