@@ -1,8 +1,10 @@
-"""What a run leaves besides its checkpoints: the per-epoch metrics files, the plot, ``results.json``.
+"""What a run leaves besides its checkpoints: the per-epoch metrics files, the plot, ``results.json``,
+and optionally TensorBoard scalars.
 
 One record per validated epoch (keys :data:`METRIC_FIELDS`) goes to ``metrics.jsonl`` (every key) and
 ``metrics.csv`` (those fields); both are rewritten whole from the history after each epoch, so they
-always agree with the last checkpoint. Every file is written to a temporary name and renamed.
+always agree with the last checkpoint. Every file is written to a temporary name and renamed. With
+``output.tensorboard`` the same numbers go to :class:`TensorBoardScalars`.
 """
 
 from __future__ import annotations
@@ -11,15 +13,18 @@ import csv
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Mapping, Optional
 
-__all__ = ["METRIC_FIELDS", "RUN_FILES", "write_json", "write_metrics", "write_plot"]
+__all__ = ["METRIC_FIELDS", "RUN_FILES", "TENSORBOARD_DIR", "TensorBoardScalars", "write_json", "write_metrics",
+           "write_plot"]
 
 #: The columns of metrics.csv.
 METRIC_FIELDS = ("epoch", "step", "lr", "train_loss", "train_acc", "val_clean_acc", "val_robust_acc", "val_robust_n",
                  "epoch_time_s", "eval_time_s", "co_collapsed", "is_best")
 #: Files of a run directory that a fresh run (``output.overwrite``) removes first.
 RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "metrics.csv", "plot.png", "results.json", "train.log")
+#: Sub-directory of a run that holds its TensorBoard event files.
+TENSORBOARD_DIR = "tensorboard"
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -74,3 +79,34 @@ def write_plot(path: Path, history: List[Dict[str, Any]], title: str) -> None:
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+class TensorBoardScalars:
+    """The per-epoch record as TensorBoard scalars (``tensorboard --logdir runs``), at step = epoch.
+
+    Tags: ``train/loss``, ``train/accuracy``, ``train/lr``, ``val/clean_accuracy``, ``val/robust_accuracy``,
+    ``time/epoch_s``, ``time/eval_s``. ``purge_step`` (a resumed run: the first epoch it trains) hides the
+    events a crashed run wrote for the epochs it repeats. Needs the ``tensorboard`` package
+    (``torch.utils.tensorboard``).
+    """
+
+    TAGS = {"train_loss": "train/loss", "train_acc": "train/accuracy", "lr": "train/lr",
+            "val_clean_acc": "val/clean_accuracy", "val_robust_acc": "val/robust_accuracy",
+            "epoch_time_s": "time/epoch_s", "eval_time_s": "time/eval_s"}
+
+    def __init__(self, log_dir: Path, purge_step: Optional[int] = None) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(log_dir), purge_step=purge_step)
+
+    def add(self, record: Mapping[str, Any]) -> None:
+        """Writes the record's numbers at step ``record["epoch"]`` (absent or None values are skipped)."""
+        for key, tag in self.TAGS.items():
+            value = record.get(key)
+            if value is not None:
+                self.writer.add_scalar(tag, float(value), global_step=int(record["epoch"]))
+        self.writer.flush()
+
+    def close(self) -> None:
+        """Flushes and closes the event file."""
+        self.writer.close()

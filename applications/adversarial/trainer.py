@@ -35,6 +35,7 @@ import copy
 import itertools
 import logging
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -54,7 +55,7 @@ from .data import Augment, DeviceLoader
 from .evaluation import evaluate_clean, evaluate_robust, format_table
 from .methods import build_method
 from .overfitting import CatastrophicOverfitting
-from .records import RUN_FILES, write_json, write_metrics, write_plot
+from .records import RUN_FILES, TENSORBOARD_DIR, TensorBoardScalars, write_json, write_metrics, write_plot
 from .schedule import learning_rate
 from .seeds import Stream, mix_seed
 
@@ -175,6 +176,7 @@ class Trainer:
                 p = self.run_dir / name
                 if p.exists():
                     p.unlink()
+            shutil.rmtree(self.run_dir / TENSORBOARD_DIR, ignore_errors=True)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False))
 
@@ -393,9 +395,12 @@ class Trainer:
             logger.addHandler(handler)
             if logger.getEffectiveLevel() > logging.INFO:
                 logger.setLevel(logging.INFO)
+        self.scalars: Optional[TensorBoardScalars] = None
         try:
             return self._run()
         finally:
+            if self.scalars is not None:
+                self.scalars.close()
             if handler is not None:
                 logger.removeHandler(handler)
                 handler.close()
@@ -406,6 +411,9 @@ class Trainer:
         self._setup()
         if self.resume:
             self._load_resume()
+        if cfg.output.tensorboard and ctx.is_main:  # a resumed run hides the events of the epochs it repeats
+            self.scalars = TensorBoardScalars(self.run_dir / TENSORBOARD_DIR,
+                                              purge_step=self.epoch + 1 if self.resume else None)
         for note in self.notes:
             self.log(f"note: {note}")
         self.log(f"run {self.run_dir}: {cfg.method.name} on {cfg.data.name} ({self.n_train} train / "
@@ -447,6 +455,8 @@ class Trainer:
                 write_metrics(self.run_dir, self.history)
                 write_plot(self.run_dir / "plot.png", self.history, f"{cfg.method.name} / {cfg.model.name} / "
                             f"{cfg.data.name}, eps {cfg.eps:.4g}")
+                if self.scalars is not None:
+                    self.scalars.add(record)
                 if record["is_best"]:
                     self._save_best(record)
                 self._save_last(rng)
