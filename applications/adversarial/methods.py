@@ -263,7 +263,10 @@ class FastBAT(TrainingMethod):
         mask_tol: ``None`` (default): :math:`H_C` is the clamp's own derivative (a coordinate is free
             unless the unprojected step lies strictly outside its bounds). A float ``t``: only
             coordinates strictly inside by more than ``t`` are free, as the official code (``t = 1e-7``).
-        update_bn_on_attack: let the attack passes update BatchNorm running statistics.
+        update_bn_on_attack: let the attack passes update BatchNorm running statistics, and add one
+            forward without graph at :math:`\delta^\star` (statistics only), so that a step updates them
+            as the official code's four train-mode forwards do (at :math:`z_0`, :math:`z`, and twice at
+            :math:`\delta^\star`: for :math:`\nabla_\delta \ell_{tr}` and for the direct gradient).
 
     :meth:`official` returns the official code's settings; the defaults differ from it in
     ``mask_tol=None`` and ``update_bn_on_attack=False``.
@@ -322,7 +325,12 @@ class FastBAT(TrainingMethod):
         params = model_params(model)
         with bn_stats_frozen(model, not self.update_bn_on_attack):
             z = attack.solver.run(attack, params, uniform_start(x, self.eps, generator))
-            return bl.solve(attack, params, z, self.strategy, check_finite=False)
+            delta = bl.solve(attack, params, z, self.strategy, check_finite=False)
+        if self.update_bn_on_attack and any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+                                            for m in model.modules()):
+            with torch.no_grad():  # the official code's extra train-mode forward at delta*: statistics only
+                model(x + delta.detach())
+        return delta
 
 
 @dataclass
