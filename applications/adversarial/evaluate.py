@@ -38,6 +38,9 @@ from applications.adversarial.distributed import DistContext, resolve_device
 from applications.adversarial.evaluation import autoattack_accuracy, evaluate_clean, evaluate_robust, format_table
 from applications.adversarial.seeds import Stream, mix_seed
 
+__all__ = ["ATTACKS", "evaluate_checkpoint", "main", "resolve_checkpoint"]
+
+#: The attacks ``--attacks`` chooses from.
 ATTACKS = ("clean", "pgd", "autoattack")
 
 

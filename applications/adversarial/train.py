@@ -30,8 +30,11 @@ from applications.adversarial.checkpoint import CheckpointError, load
 from applications.adversarial.config import EXIT_CONFIG, QUICKSTART, ConfigError, load_config, read_yaml
 from applications.adversarial.trainer import EXIT_DIVERGED, ConsoleHandler, RunDirError, TrainingDiverged, train
 
+__all__ = ["build_parser", "log_to_console", "main"]
+
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``bilevel-train``."""
     p = argparse.ArgumentParser(prog="bilevel-train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--config", type=Path, default=None, help=f"YAML config (default: {QUICKSTART.name}, or the "
