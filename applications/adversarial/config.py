@@ -178,18 +178,24 @@ class DataConfig(_Section):
     augmentation: AugmentConfig = Field(default_factory=AugmentConfig)
 
 
-class ModelConfig(_Section):
-    """``name``: a name :func:`applications.adversarial.models.build_model` accepts; ``options``:
-    keyword arguments of its constructor (``width``, ``hidden`` ... for small_cnn), nested under
-    ``options`` or written flat next to ``name``."""
+class _NamedOptions(_Section):
+    """A ``name`` and its ``options``, written flat next to ``name`` or nested under ``options`` (a bare
+    string is the name)."""
 
-    name: StrictStr = "small_cnn"
+    name: StrictStr
     options: Dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="before")
     @classmethod
     def _flat_options(cls, raw: Any) -> Any:
         return _options_flat(raw, ("name",))
+
+
+class ModelConfig(_NamedOptions):
+    """``name``: a name :func:`applications.adversarial.models.build_model` accepts; ``options``:
+    keyword arguments of its constructor (``width``, ``hidden`` ... for small_cnn)."""
+
+    name: StrictStr = "small_cnn"
 
     @field_validator("name")
     @classmethod
@@ -203,18 +209,11 @@ class ModelConfig(_Section):
         return name
 
 
-class MethodConfig(_Section):
-    """``name`` plus the options of that method (the fields of ``methods.METHODS[name]``), written flat
-    next to ``name`` (or nested under ``options``). The options' types and ranges are the method's own
-    (checked by :func:`load_config` through the method's dataclass)."""
+class MethodConfig(_NamedOptions):
+    """``name`` plus the options of that method (the fields of ``methods.METHODS[name]``). The options'
+    types and ranges are the method's own (checked by :func:`load_config` through its dataclass)."""
 
     name: StrictStr = "fast_bat"
-    options: Dict[str, Any] = Field(default_factory=dict)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _flat_options(cls, raw: Any) -> Any:
-        return _options_flat(raw, ("name",))
 
 
 class TrainConfig(_Section):
