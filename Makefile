@@ -23,17 +23,22 @@ $(VENV)/.dev: $(VENV)/.apps
 	touch $@
 
 train: $(VENV)/.apps
-	$(PY) applications/adversarial/train.py $(ARGS)
+	$(VENV)/bin/bilevel-train $(ARGS)
 
 hyperopt: $(VENV)/.apps
-	$(PY) -m applications.hyperopt
+	$(VENV)/bin/bilevel-hyperopt
 
 test: $(VENV)/.dev
 	$(PY) -m ruff check .
 	$(PY) -m pytest
 
-docs: $(VENV)/.dev
+# MathJax for the site, cached in .cache/ with the npm client (the build hook vendors it into site/).
+MATHJAX := .cache/mathjax-3.2.2/es5/tex-chtml.js
+$(MATHJAX):
+	$(PYTHON) docs/_ext/mathjax_hook.py --fetch
+
+docs: $(VENV)/.dev $(MATHJAX)
 	$(VENV)/bin/mkdocs build --strict
 
 clean:
-	rm -rf $(VENV) site runs
+	rm -rf $(VENV) site runs .cache

@@ -1,6 +1,7 @@
 r"""Hypergradient accuracy and cost on per-feature ridge regression, against Betty, TorchOpt and a hand-written baseline.
 
-The problem (REFERENCE §5.1): upper variable :math:`\lambda \in \mathbb{R}^d_{>0}` (one penalty per feature),
+The problem (per-feature ridge, docs/concepts/bilevel.md): upper variable :math:`\lambda \in \mathbb{R}^d_{>0}`
+(one penalty per feature),
 
 .. math::
 

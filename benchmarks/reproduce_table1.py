@@ -145,7 +145,8 @@ def train_run(run: Run, seed: int, data: Path, out_dir: Path, device: str, test_
         overrides += ["eval.test_steps=50", "eval.test_restarts=10", f"eval.test_n={'null' if test_n is None else test_n}",
                       f"device={device}"]
     overrides += list(extra)
-    cmd = [sys.executable, str(TRAIN_PY), "--config", str(config_dir / run.config), "--no-progress", *overrides]
+    cmd = [sys.executable, "-m", "applications.adversarial.train", "--config", str(config_dir / run.config),
+           "--no-progress", *overrides]
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
     t0 = time.perf_counter()
@@ -186,10 +187,10 @@ def autoattack_checkpoint(checkpoint: Path, n: int, batch_size: int, device: str
     """AutoAttack accuracy of a training checkpoint on its dataset's first ``n`` test images."""
     import torch
 
-    from applications.adversarial.attacks import autoattack_accuracy
+    from applications.adversarial.build import build_run_model, load_run_data
     from applications.adversarial.checkpoint import load
     from applications.adversarial.config import config_from_dict
-    from applications.adversarial.trainer import build_run_model, load_run_data
+    from applications.adversarial.evaluation import autoattack_accuracy
 
     ckpt = load(checkpoint, map_location=device)
     cfg = config_from_dict(ckpt["config"])

@@ -7,7 +7,7 @@ A step is ``optimizer.zero_grad(); loss, _ = method.loss(model, x, y); loss.back
 * ``standard``, ``fast_at`` (FGSM-RS), ``n_fgsm``, ``grad_align``, ``pgd-2``, ``pgd-10``;
 * ``fast_bat`` three ways: the exact implicit gradient (``lam = 1/attack_step``), the official ``lam = 10``
   and no implicit gradient (``lam = inf``);
-* ``fast_bat (official pass sequence)``: a re-implementation of the official code's step (REFERENCE §2):
+* ``fast_bat (official pass sequence)``: a re-implementation of the official code's step (Zhang et al., ICML 2022):
   ``create_graph`` on the first input-gradient step, the forward at :math:`x + \delta^\star` run twice (once
   for :math:`\nabla_\delta \ell`, once for the direct gradient), BatchNorm statistics updated on every pass,
   and the implicit term added to ``p.grad`` by hand;
@@ -68,7 +68,7 @@ MEMORY_CPU = ("peak RSS of one step (VmHWM after clear_refs) above the RSS befor
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The official code's Fast-BAT pass sequence, re-implemented from its description (REFERENCE §2)
+# The official code's Fast-BAT pass sequence (Zhang et al., ICML 2022), re-implemented
 # ----------------------------------------------------------------------------------------------------------
 
 def official_style_fast_bat_grads(model: nn.Module, x: Tensor, y: Tensor, eps: float = EPS,

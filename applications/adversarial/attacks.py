@@ -1,4 +1,4 @@
-r"""The attack as a lower problem, and the evaluation attacks (PGD with restarts, AutoAttack).
+r"""The attack as a lower problem: its threat set, one uniform random start, and PGD.
 
 An L-inf attack on a classifier :math:`h_\theta` at images :math:`x \in [0, 1]^d` with labels :math:`y` is
 
@@ -19,7 +19,8 @@ parameters (no graph to the weights).
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Union
+from dataclasses import dataclass
+from typing import Dict, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -29,12 +30,15 @@ from torch.func import functional_call
 import bilevel as bl
 
 __all__ = [
-    "threat_set",
+    "Generator",
+    "ShardedGenerator",
     "attack_problem",
-    "uniform_start",
+    "model_params",
     "pgd_attack",
-    "robust_accuracy",
-    "autoattack_accuracy",
+    "rand_like",
+    "threat_set",
+    "uniform_noise",
+    "uniform_start",
 ]
 
 
@@ -60,16 +64,55 @@ def attack_problem(model: nn.Module, x: Tensor, y: Tensor, constraint: bl.Constr
     return bl.LowerProblem(objective=objective, constraint=constraint, solver=solver)
 
 
-def uniform_start(x: Tensor, radius: float, generator: Optional[torch.Generator] = None) -> Tensor:
+@dataclass(frozen=True)
+class ShardedGenerator:
+    r"""Random draws of one rank of a data-parallel step, equal to its part of the single-process draw.
+
+    The global batch of ``world_size * n`` samples is split strided: rank ``r`` holds global rows
+    ``r, r + W, r + 2W, ...``. A draw shaped like the local batch ``(n, ...)`` is taken as a draw for the
+    global batch ``(W n, ...)`` from ``generator`` (seeded identically on every rank) and its rows
+    ``[rank::world_size]``, so every sample gets the random start it would get in one process with the
+    same generator state (at the cost of ``W`` times the random numbers, negligible next to a forward).
+    """
+
+    generator: torch.Generator
+    rank: int
+    world_size: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"ShardedGenerator: need 0 <= rank < world_size, got rank={self.rank}, "
+                             f"world_size={self.world_size}")
+
+
+Generator = Union[torch.Generator, ShardedGenerator, None]
+
+
+def rand_like(x: Tensor, generator: Generator) -> Tensor:
+    """:math:`U[0, 1)` draws shaped like ``x`` (see :class:`ShardedGenerator` for the data-parallel case)."""
+    if isinstance(generator, ShardedGenerator):
+        shape = (x.shape[0] * generator.world_size, *x.shape[1:])
+        u = torch.rand(shape, generator=generator.generator, dtype=x.dtype, device=x.device)
+        return u[generator.rank::generator.world_size]
+    return torch.rand(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+
+
+def uniform_noise(x: Tensor, radius: float, generator: Generator) -> Tensor:
+    """:math:`U(-r, r)` noise shaped like ``x``, through :func:`rand_like`."""
+    return (2.0 * rand_like(x, generator) - 1.0) * radius
+
+
+def uniform_start(x: Tensor, radius: float, generator: Generator = None) -> Tensor:
     r"""A random start :math:`\delta_0 \sim U(-r, r)^d` clipped to the image box :math:`0 \le x + \delta_0 \le 1`.
 
-    ``generator`` (on ``x``'s device) makes it reproducible; ``None`` uses the global generator.
+    ``generator`` (on ``x``'s device; a :class:`torch.Generator` or a :class:`ShardedGenerator`) makes it
+    reproducible; ``None`` uses the global generator.
     """
-    u = torch.rand(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-    return bl.Box(-x, 1.0 - x, check=False).project((2.0 * u - 1.0) * radius)
+    return bl.Box(-x, 1.0 - x, check=False).project(uniform_noise(x, radius, generator))
 
 
-def _params(model: nn.Module) -> Dict[str, Tensor]:
+def model_params(model: nn.Module) -> Dict[str, Tensor]:
+    """The upper variable of :func:`attack_problem`: ``dict(model.named_parameters())``."""
     return dict(model.named_parameters())
 
 
@@ -105,7 +148,7 @@ def pgd_attack(model: nn.Module, x: Tensor, y: Tensor, eps: float, steps: int, s
     alpha = eps / 4.0 if step_size is None else float(step_size)
     x = x.detach()
     lower = attack_problem(model, x, y, threat_set(x, eps), bl.SignedProjectedGradient(step_size=alpha, steps=int(steps)))
-    params = _params(model)
+    params = model_params(model)
     best_delta = torch.zeros_like(x)
     best_loss = torch.full(y.shape, -float("inf"), dtype=torch.float32, device=x.device)
     best_wrong = torch.zeros(y.shape, dtype=torch.bool, device=x.device)
@@ -120,118 +163,3 @@ def pgd_attack(model: nn.Module, x: Tensor, y: Tensor, eps: float, steps: int, s
             best_loss = torch.where(better, loss, best_loss)
             best_wrong = best_wrong | wrong
     return best_delta
-
-
-def _as_images(x: Tensor, device: Optional[torch.device]) -> Tensor:
-    x = x.to(device) if device is not None else x
-    if x.dtype == torch.uint8:
-        return x.float().div_(255.0)
-    if not x.is_floating_point():
-        raise TypeError(f"robust_accuracy: images must be uint8 or floating point in [0, 1], got {x.dtype}")
-    return x
-
-
-class _EvalMode:
-    """Put every submodule in eval mode and restore each one's previous mode on exit."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-        self.modes: List[bool] = []
-
-    def __enter__(self) -> nn.Module:
-        self.modes = [m.training for m in self.model.modules()]
-        self.model.eval()
-        return self.model
-
-    def __exit__(self, *exc: Any) -> None:
-        for m, mode in zip(self.model.modules(), self.modes):
-            m.training = mode
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
-def robust_accuracy(model: nn.Module, x_all: Tensor, y_all: Tensor, eps: float, steps: int = 50, restarts: int = 10,
-                    step_size: Optional[float] = None, batch_size: int = 200, device: Optional[torch.device] = None,
-                    generator: Optional[torch.Generator] = None) -> Dict[str, float]:
-    r"""Clean and PGD-``steps``-``restarts`` robust accuracy of ``model`` on ``(x_all, y_all)``.
-
-    Runs in eval mode (every submodule's previous mode is restored), batch by batch, with gradients
-    only for the attack's input gradients. The counts stay on the device; the one host synchronization
-    is at the end. ``PGD-50-10`` (the default) is the paper's evaluation; a cheap monitoring variant is
-    e.g. ``steps=10, restarts=1``.
-
-    Args:
-        x_all: images (N, C, H, W), uint8 in [0, 255] or floating point in [0, 1], on any device.
-        y_all: labels (N,).
-        eps, steps, restarts, step_size, generator: as in :func:`pgd_attack`.
-        batch_size: images per attack batch.
-        device: where to run; ``None`` means the model's device.
-
-    Returns:
-        ``{"clean_acc": float, "robust_acc": float, "n": int}`` (accuracies in [0, 1]).
-    """
-    if x_all.ndim < 2 or x_all.shape[0] != y_all.shape[0]:
-        raise ValueError(f"robust_accuracy: x_all {tuple(x_all.shape)} and y_all {tuple(y_all.shape)} disagree on N")
-    if int(batch_size) != batch_size or batch_size < 1:
-        raise ValueError(f"robust_accuracy: batch_size must be a positive integer, got {batch_size}")
-    n = int(x_all.shape[0])
-    if n == 0:
-        raise ValueError("robust_accuracy: no samples")
-    device = torch.device(device) if device is not None else _model_device(model)
-    clean = torch.zeros((), dtype=torch.long, device=device)
-    robust = torch.zeros((), dtype=torch.long, device=device)
-    with _EvalMode(model), torch.no_grad():
-        for start in range(0, n, int(batch_size)):
-            x = _as_images(x_all[start:start + batch_size], device)
-            y = y_all[start:start + batch_size].to(device)
-            clean += (model(x).argmax(dim=1) == y).sum()
-            delta = pgd_attack(model, x, y, eps, steps, step_size=step_size, restarts=restarts, generator=generator)
-            robust += (model(x + delta).argmax(dim=1) == y).sum()
-    return {"clean_acc": clean.item() / n, "robust_acc": robust.item() / n, "n": n}
-
-
-def autoattack_accuracy(model: nn.Module, x: Tensor, y: Tensor, eps: float,
-                        version: Union[str, Sequence[str]] = "standard", batch_size: int = 500, seed: int = 0,
-                        device: Optional[torch.device] = None) -> Dict[str, float]:
-    r"""Robust accuracy under AutoAttack (L-inf), through ``pyautoattack`` (fra31/auto-attack repackaged).
-
-    ``version="standard"`` is the standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square) whose numbers
-    are comparable to RobustBench and the papers' RA-AA. A list of attack names (e.g.
-    ``["apgd-ce", "apgd-t"]``) runs a custom, cheaper subset: do not report that as RA-AA.
-
-    The model is evaluated in eval mode (previous modes restored). ``x`` may be uint8 or float in [0, 1].
-
-    Returns:
-        ``{"clean_acc": float, "robust_acc": float, "n": int}``.
-    """
-    try:
-        from pyautoattack import AutoAttack
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            'autoattack_accuracy needs the optional package pyautoattack: pip install "bilevel[autoattack]"'
-        ) from err
-    if not 0.0 < eps <= 1.0:
-        raise ValueError(f"autoattack_accuracy: eps must be in (0, 1], got {eps}")
-    device = torch.device(device) if device is not None else _model_device(model)
-    if isinstance(version, str):
-        if version not in ("standard", "plus", "rand"):
-            raise ValueError(f"autoattack_accuracy: version must be 'standard', 'plus', 'rand' or a list of attacks, "
-                             f"got {version!r}")
-        kwargs: Dict[str, Any] = {"version": version}
-    else:
-        kwargs = {"version": "custom", "attacks": list(version)}
-    images = _as_images(x, device)
-    labels = y.to(device)
-    with _EvalMode(model):
-        adversary = AutoAttack(model, norm="Linf", eps=float(eps), device=device, seed=int(seed), **kwargs)
-        with torch.no_grad():
-            clean = torch.zeros((), dtype=torch.long, device=device)
-            for start in range(0, images.shape[0], int(batch_size)):
-                clean += (model(images[start:start + batch_size]).argmax(dim=1) == labels[start:start + batch_size]).sum()
-        _, y_adv = adversary.run_standard_evaluation(images, labels, batch_size=int(batch_size))
-    n = int(images.shape[0])
-    return {"clean_acc": clean.item() / n, "robust_acc": (y_adv.to(labels.device) == labels).sum().item() / n, "n": n}

@@ -12,19 +12,9 @@ parameter gradients and divides by the world size W, so every rank ends with
 the gradient of the mean of the per-rank (mean-reduced) losses, i.e. the single-process gradient of the
 global batch of size ``W * len(B_r)`` when batches have equal sizes (see :func:`shard`).
 
-Bi-level losses (Fast-BAT). The implicit-gradient term differentiates through
-``torch.autograd.grad(inner_loss, delta, create_graph=True)``. DDP only averages the gradients of the
-final ``backward``; the gradient ``d(theta)`` inside the loss should be computed per rank with the
-UNWRAPPED module (:func:`unwrap`): every forward through the DDP wrapper does per-iteration work
-(broadcast of rank 0's buffers, e.g. BatchNorm running statistics, when ``broadcast_buffers=True``;
-reducer preparation and, with ``find_unused_parameters=True``, a graph traversal) that belongs once per
-optimizer step, and the attack is a per-sample quantity that needs no synchronization. The same holds
-for every attack pass (PGD/FGSM steps, evaluation attacks) and for evaluation forwards, which may run a
-different number of times on different ranks (a collective inside them would deadlock). The final
-forward ``model(x + delta)`` goes through the wrapper; its backward reaches theta both directly and
-through ``delta(theta)``, autograd sums both before each parameter's gradient-accumulation hook fires,
-and DDP averages the total. ``tests/adversarial/test_distributed.py`` checks
-that this equals the average of the per-rank, non-DDP hypergradients.
+Bi-level losses: every attack pass runs through the UNWRAPPED module (:func:`unwrap`) and only the
+training forward through the wrapper; why, and what the one backward then averages, is in
+:mod:`applications.adversarial.methods` (checked in ``tests/adversarial/test_distributed.py``).
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
 """Command line: evaluate a checkpoint's clean and robust test accuracy.
 
-    python applications/adversarial/evaluate.py runs/quickstart                 # best.pt of the run (else last.pt)
-    python applications/adversarial/evaluate.py runs/x/last.pt --n 1000 --attacks clean,pgd,autoattack
-    python applications/adversarial/evaluate.py ckpt.pt --data-path /data/cifar10 --eps 8/255
+    bilevel-evaluate runs/quickstart                 # best.pt of the run (else last.pt)
+    bilevel-evaluate runs/x/last.pt --n 1000 --attacks clean,pgd,autoattack
+    bilevel-evaluate ckpt.pt --data-path /data/cifar10 --eps 8/255
+
+(also ``python -m applications.adversarial evaluate ...`` or ``python applications/adversarial/evaluate.py``)
 
 The checkpoint is loaded with ``torch.load(weights_only=True)``; the model and the test data are
 rebuilt from the configuration stored in it (``--data-path`` replaces the data location). Attacks:
@@ -27,27 +29,18 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-if __package__ in (None, ""):  # run as a script (see train.py)
-    _here = Path(__file__).resolve().parent
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
-    sys.path.insert(0, str(_here.parents[1]))
+import torch
 
-import torch  # noqa: E402
+from applications.adversarial import checkpoint as ckpt_lib
+from applications.adversarial.build import build_run_model, load_run_data
+from applications.adversarial.config import EXIT_CONFIG, ConfigError, as_float, load_config
+from applications.adversarial.distributed import DistContext, resolve_device
+from applications.adversarial.evaluation import autoattack_accuracy, evaluate_clean, evaluate_robust, format_table
+from applications.adversarial.seeds import Stream, mix_seed
 
-from applications.adversarial import checkpoint as ckpt_lib  # noqa: E402
-from applications.adversarial.config import ConfigError, as_float, load_config  # noqa: E402
-from applications.adversarial.distributed import DistContext, resolve_device  # noqa: E402
-from applications.adversarial.trainer import (  # noqa: E402
-    _TAG_TEST,
-    EXIT_CONFIG,
-    build_run_model,
-    evaluate_clean,
-    evaluate_robust,
-    format_table,
-    load_run_data,
-    mix_seed,
-)
+__all__ = ["ATTACKS", "evaluate_checkpoint", "main", "resolve_checkpoint"]
 
+#: The attacks ``--attacks`` chooses from.
 ATTACKS = ("clean", "pgd", "autoattack")
 
 
@@ -96,13 +89,11 @@ def evaluate_checkpoint(path: Path, attacks: List[str], n: Optional[int] = None,
             label = "clean"
         elif attack == "pgd":
             r = evaluate_robust(model, data.test, n, eps, pgd_steps, pgd_restarts, pgd_step_size, bs,
-                                mix_seed(cfg.seed, _TAG_TEST), ctx)
+                                mix_seed(cfg.seed, Stream.TEST), ctx)
             res = {"accuracy": r["robust_acc"], "clean_acc": r["clean_acc"], "steps": pgd_steps,
                    "restarts": pgd_restarts, "step_size": pgd_step_size if pgd_step_size is not None else eps / 4}
             label = f"PGD-{pgd_steps}-{pgd_restarts}"
         else:
-            from applications.adversarial.attacks import autoattack_accuracy
-
             label = f"AutoAttack ({aa_version})"
             try:
                 version: Any = aa_version if aa_version in ("standard", "plus", "rand") else aa_version.split(",")
@@ -121,8 +112,10 @@ def evaluate_checkpoint(path: Path, attacks: List[str], n: Optional[int] = None,
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    """The evaluate command; returns its exit status."""
+    torch.set_grad_enabled(True)
+    p = argparse.ArgumentParser(prog="bilevel-evaluate", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("checkpoint", type=Path, help="a .pt checkpoint or a run directory")
     p.add_argument("--n", type=int, default=None, help="first N test images (default: eval.test_n of the run)")
     p.add_argument("--batch-size", type=int, default=None)
@@ -175,5 +168,4 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    torch.set_grad_enabled(True)
     sys.exit(main())

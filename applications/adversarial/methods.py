@@ -30,8 +30,9 @@ module under the ``DistributedDataParallel`` wrapper, whose parameters are the s
 the final training forward :math:`h_\theta(x + \delta^\star)` through ``model``. One backward then
 reaches each parameter both directly and through :math:`\delta^\star(\theta)`; autograd sums both
 before the parameter's gradient-accumulation hook fires, so DDP all-reduces the total hypergradient
-once. ``attack_model=None`` means ``model``. :class:`ShardedGenerator` makes the random starts of a
-rank the rank's rows of the single-process draw for the global batch.
+once. ``attack_model=None`` means ``model``.
+:class:`~applications.adversarial.attacks.ShardedGenerator` makes the random starts of a rank the rank's
+rows of the single-process draw for the global batch.
 
 **BatchNorm.** Attack passes run the model in its current mode, so in train mode BatchNorm normalizes
 with the batch statistics (as the official code does) but, by default
@@ -47,8 +48,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Tuple, Type, Union
+from typing import Dict, Iterator, List, Optional, Tuple, Type
 
 import torch
 import torch.nn.functional as F
@@ -56,7 +58,7 @@ from torch import Tensor, nn
 
 import bilevel as bl
 
-from .attacks import _params, attack_problem, threat_set
+from .attacks import Generator, attack_problem, model_params, threat_set, uniform_noise, uniform_start
 
 __all__ = [
     "TrainingMethod",
@@ -67,54 +69,12 @@ __all__ = [
     "GradAlign",
     "NFGSM",
     "METHODS",
+    "OptionError",
     "build_method",
-    "ShardedGenerator",
+    "check_eps",
     "bn_stats_frozen",
     "gradient_alignment",
 ]
-
-
-@dataclass(frozen=True)
-class ShardedGenerator:
-    r"""Random draws of one rank of a data-parallel step, equal to its part of the single-process draw.
-
-    The global batch of ``world_size * n`` samples is split strided: rank ``r`` holds global rows
-    ``r, r + W, r + 2W, ...``. A draw shaped like the local batch ``(n, ...)`` is taken as a draw for the
-    global batch ``(W n, ...)`` from ``generator`` (seeded identically on every rank) and its rows
-    ``[rank::world_size]``, so every sample gets the random start it would get in one process with the
-    same generator state (at the cost of ``W`` times the random numbers, negligible next to a forward).
-    """
-
-    generator: torch.Generator
-    rank: int
-    world_size: int
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.rank < self.world_size:
-            raise ValueError(f"ShardedGenerator: need 0 <= rank < world_size, got rank={self.rank}, "
-                             f"world_size={self.world_size}")
-
-
-Generator = Union[torch.Generator, ShardedGenerator, None]
-
-
-def _rand_like(x: Tensor, generator: Generator) -> Tensor:
-    """:math:`U[0, 1)` draws shaped like ``x`` (see :class:`ShardedGenerator` for the data-parallel case)."""
-    if isinstance(generator, ShardedGenerator):
-        shape = (x.shape[0] * generator.world_size, *x.shape[1:])
-        u = torch.rand(shape, generator=generator.generator, dtype=x.dtype, device=x.device)
-        return u[generator.rank::generator.world_size]
-    return torch.rand(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-
-
-def _uniform_noise(x: Tensor, radius: float, generator: Generator) -> Tensor:
-    """:math:`U(-r, r)` noise shaped like ``x``, through :func:`_rand_like`."""
-    return (2.0 * _rand_like(x, generator) - 1.0) * radius
-
-
-def _uniform_start(x: Tensor, radius: float, generator: Generator) -> Tensor:
-    """:func:`~applications.adversarial.attacks.uniform_start` (same draws) with :class:`ShardedGenerator` support."""
-    return bl.Box(-x, 1.0 - x, check=False).project(_uniform_noise(x, radius, generator))
 
 
 def _attacker(model: nn.Module, attack_model: Optional[nn.Module]) -> nn.Module:
@@ -147,23 +107,33 @@ def bn_stats_frozen(model: nn.Module, enabled: bool = True) -> Iterator[nn.Modul
             m.track_running_stats = True
 
 
-def _check_eps(name: str, eps: float, allow_zero: bool = False) -> None:
+class OptionError(ValueError):
+    """An invalid option of a training method: ``method`` (its name), ``option`` (the field) and
+    ``detail`` (what is wrong, e.g. "must be a number > 0, got -1")."""
+
+    def __init__(self, method: str, option: str, detail: str) -> None:
+        self.method, self.option, self.detail = method, option, detail
+        super().__init__(f"{method}: {option} {detail}")
+
+
+def check_eps(name: str, eps: float, allow_zero: bool = False) -> None:
+    """The methods' rule for ``eps``: a number in (0, 1] (pixel units; [0, 1] with ``allow_zero``)."""
     ok = isinstance(eps, (int, float)) and not isinstance(eps, bool) and (0.0 <= eps <= 1.0 if allow_zero else 0.0 < eps <= 1.0)
     if not ok:
         interval = "[0, 1]" if allow_zero else "(0, 1]"
-        raise ValueError(f"{name}: eps must be a number in {interval} (pixel units, e.g. 8/255), got {eps!r}")
+        raise OptionError(name, "eps", f"must be a number in {interval} (pixel units, e.g. 8/255), got {eps!r}")
 
 
 def _check_positive(name: str, option: str, value: Optional[float], allow_none: bool = True) -> None:
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{name}: {option} must be a number > 0, got {value!r}")
+        raise OptionError(name, option, f"must be a number > 0, got {value!r}")
 
 
 def _check_bool(name: str, option: str, value: object) -> None:
     if not isinstance(value, bool):
-        raise ValueError(f"{name}: {option} must be true or false, got {value!r}")
+        raise OptionError(name, option, f"must be true or false, got {value!r}")
 
 
 class TrainingMethod:
@@ -171,12 +141,19 @@ class TrainingMethod:
 
     name: str = ""
 
+    @property
+    def requires_double_backward(self) -> bool:
+        """Whether ``loss(...).backward()`` differentiates through an input gradient (a double backward,
+        which ``torch.compile``'s AOT autograd does not support)."""
+        return False
+
     def perturbation(self, model: nn.Module, x: Tensor, y: Tensor, *, generator: Generator = None,
                      attack_model: Optional[nn.Module] = None) -> Tensor:
         r"""The training perturbation :math:`\delta^\star(\theta)`, shaped like ``x``; its autograd graph to the
         parameters is the method's hypergradient (none for first-order methods).
 
-        ``generator`` (on ``x``'s device; a :class:`torch.Generator` or a :class:`ShardedGenerator`)
+        ``generator`` (on ``x``'s device; a :class:`torch.Generator` or a
+        :class:`~applications.adversarial.attacks.ShardedGenerator`)
         controls the method's randomness; ``None`` uses the global one. Every pass runs through
         ``attack_model`` if given (a module sharing ``model``'s parameters, e.g. the one under a DDP
         wrapper), else ``model``.
@@ -203,7 +180,7 @@ class Standard(TrainingMethod):
     name = "standard"
 
     def __post_init__(self) -> None:
-        _check_eps("standard", self.eps, allow_zero=True)
+        check_eps("standard", self.eps, allow_zero=True)
 
     def perturbation(self, model: nn.Module, x: Tensor, y: Tensor, *, generator: Generator = None,
                      attack_model: Optional[nn.Module] = None) -> Tensor:
@@ -236,7 +213,7 @@ class FastAT(TrainingMethod):
     name = "fast_at"
 
     def __post_init__(self) -> None:
-        _check_eps(self.name, self.eps)
+        check_eps(self.name, self.eps)
         _check_positive(self.name, "step_size", self.step_size)
         _check_bool(self.name, "update_bn_on_attack", self.update_bn_on_attack)
         if self.step_size is None:
@@ -246,9 +223,9 @@ class FastAT(TrainingMethod):
                      attack_model: Optional[nn.Module] = None) -> Tensor:
         model = _attacker(model, attack_model)
         attack = attack_problem(model, x, y, threat_set(x, self.eps))
-        z0 = _uniform_start(x, self.eps, generator)
+        z0 = uniform_start(x, self.eps, generator)
         with bn_stats_frozen(model, not self.update_bn_on_attack):
-            return bl.solve(attack, _params(model), z0, bl.Linearized(step=self.step_size, sign=True), check_finite=False)
+            return bl.solve(attack, model_params(model), z0, bl.Linearized(step=self.step_size, sign=True), check_finite=False)
 
 
 def _official_attack_step(eps: float) -> float:
@@ -278,27 +255,21 @@ class FastBAT(TrainingMethod):
         attack_step: step of the value :math:`\delta^\star`; ``None`` means the official ``attack_lr``:
             ``5000/255`` for ``eps <= 8/255``, else ``2000/255`` (for the summed attack loss).
         z_step: step from :math:`z_0` to :math:`z` (non-sign, projected); ``None`` means ``attack_step``.
-        lam: :math:`\lambda` of the implicit term. Default ``10.0``, the official code's value: the
-            value uses ``attack_step`` and the derivative ``1/lam`` (decoupled; with the official step
-            the implicit term is about ``1/(10 * 19.6)`` ≈ 0.5% of the exact one-step derivative).
-            ``None`` means ``1/attack_step``: the exact derivative of the one-step map (the paper's
-            :math:`\lambda = 1/\alpha`). ``math.inf`` drops the implicit term (first order; no
-            second-order graph is built): the ablation. Why 10 is the default: at small scale the
-            exact ``lam = 1/attack_step`` made training collapse or degrade in every run measured
-            (MNIST and CIFAR-10 subsets, see REFERENCE §1), while ``lam = 10`` trained normally, so
-            the safe, reproducible default is the official one; :math:`\lambda` is a real
-            hyperparameter and worth sweeping.
-        mask_tol: ``None`` (default): :math:`H_C` is the clamp's own derivative: a coordinate is free
-            unless the unprojected step lies strictly outside its bounds (an exact tie counts as free).
-            A float ``t``: only coordinates strictly inside by more than ``t`` are free, as the official
-            code (``t = 1e-7``). The official code clips in two steps (ball, then ``x + δ`` to the
-            box), which leaves active coordinates one rounding error off their bound and so needs the
-            tolerance; the core clamps once to the combined bounds, so active coordinates sit exactly
-            on them and the two masks differ only on coordinates within ``t`` of a bound.
-        update_bn_on_attack: let the two attack passes update BatchNorm running statistics.
+        lam: :math:`\lambda` of the implicit term; default ``10.0``, the official code's value (the value
+            uses ``attack_step``, the derivative ``1/lam``). ``None`` means ``1/attack_step``, the exact
+            derivative of the one-step map (the paper's :math:`\lambda = 1/\alpha`); ``math.inf`` drops
+            the implicit term (first order, no second-order graph). Why 10 is the default: "The λ
+            question" of the adversarial-training guide (docs/adversarial.md).
+        mask_tol: ``None`` (default): :math:`H_C` is the clamp's own derivative (a coordinate is free
+            unless the unprojected step lies strictly outside its bounds). A float ``t``: only
+            coordinates strictly inside by more than ``t`` are free, as the official code (``t = 1e-7``).
+        update_bn_on_attack: let the attack passes update BatchNorm running statistics, and add one
+            forward without graph at :math:`\delta^\star` (statistics only), so that a step updates them
+            as the official code's four train-mode forwards do (at :math:`z_0`, :math:`z`, and twice at
+            :math:`\delta^\star`: for :math:`\nabla_\delta \ell_{tr}` and for the direct gradient).
 
-    :meth:`official` returns the official code's settings. The defaults share its steps and ``lam = 10``
-    but differ in two ways: ``mask_tol=None`` (the clamp's mask) and ``update_bn_on_attack=False``.
+    :meth:`official` returns the official code's settings; the defaults differ from it in
+    ``mask_tol=None`` and ``update_bn_on_attack=False``.
     """
 
     eps: float
@@ -310,18 +281,18 @@ class FastBAT(TrainingMethod):
     name = "fast_bat"
 
     def __post_init__(self) -> None:
-        _check_eps(self.name, self.eps)
+        check_eps(self.name, self.eps)
         _check_positive(self.name, "attack_step", self.attack_step)
         _check_positive(self.name, "z_step", self.z_step)
         if self.lam is not None and not isinstance(self.lam, bool) and isinstance(self.lam, (int, float)) \
                 and self.lam == 0:
-            raise ValueError(f"{self.name}: lam must be > 0; for the official code's --lmbda 0 (lam = 1/attack_step, "
-                             "the exact implicit term) pass lam=None (YAML: lam: null)")
+            raise OptionError(self.name, "lam", "must be > 0; for the official code's --lmbda 0 (lam = 1/attack_step, "
+                              "the exact implicit term) pass lam=None (YAML: lam: null)")
         _check_positive(self.name, "lam", self.lam)
         _check_bool(self.name, "update_bn_on_attack", self.update_bn_on_attack)
         if self.mask_tol is not None and (isinstance(self.mask_tol, bool) or not isinstance(self.mask_tol, (int, float))
                                           or not self.mask_tol >= 0):
-            raise ValueError(f"{self.name}: mask_tol must be None or a number >= 0, got {self.mask_tol!r}")
+            raise OptionError(self.name, "mask_tol", f"must be None or a number >= 0, got {self.mask_tol!r}")
         if self.attack_step is None:
             self.attack_step = _official_attack_step(self.eps)
         if self.z_step is None:
@@ -335,7 +306,13 @@ class FastBAT(TrainingMethod):
         return cls(eps=eps, **options)
 
     @property
+    def requires_double_backward(self) -> bool:
+        """True unless ``lam`` is infinite (no implicit term, no second-order graph)."""
+        return self.lam is None or math.isfinite(self.lam)
+
+    @property
     def strategy(self) -> bl.Linearized:
+        """The lower-level strategy: :class:`bilevel.Linearized` at :math:`z` with this method's step, lam, mask."""
         return bl.Linearized(step=self.attack_step, lam=self.lam, mask_tol=self.mask_tol)
 
     def perturbation(self, model: nn.Module, x: Tensor, y: Tensor, *, generator: Generator = None,
@@ -345,10 +322,15 @@ class FastBAT(TrainingMethod):
         model = _attacker(model, attack_model)
         constraint = threat_set(x, self.eps)
         attack = attack_problem(model, x, y, constraint, bl.ProjectedGradient(step_size=self.z_step, steps=1))
-        params = _params(model)
+        params = model_params(model)
         with bn_stats_frozen(model, not self.update_bn_on_attack):
-            z = attack.solver.run(attack, params, _uniform_start(x, self.eps, generator))
-            return bl.solve(attack, params, z, self.strategy, check_finite=False)
+            z = attack.solver.run(attack, params, uniform_start(x, self.eps, generator))
+            delta = bl.solve(attack, params, z, self.strategy, check_finite=False)
+        if self.update_bn_on_attack and any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+                                            for m in model.modules()):
+            with torch.no_grad():  # the official code's extra train-mode forward at delta*: statistics only
+                model(x + delta.detach())
+        return delta
 
 
 @dataclass
@@ -372,9 +354,9 @@ class PGDAT(TrainingMethod):
     name = "pgd"
 
     def __post_init__(self) -> None:
-        _check_eps(self.name, self.eps)
+        check_eps(self.name, self.eps)
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"{self.name}: steps must be an integer >= 1, got {self.steps!r}")
+            raise OptionError(self.name, "steps", f"must be an integer >= 1, got {self.steps!r}")
         _check_positive(self.name, "step_size", self.step_size)
         _check_bool(self.name, "update_bn_on_attack", self.update_bn_on_attack)
         if self.step_size is None:
@@ -386,7 +368,7 @@ class PGDAT(TrainingMethod):
         solver = bl.SignedProjectedGradient(step_size=self.step_size, steps=self.steps)
         attack = attack_problem(model, x, y, threat_set(x, self.eps), solver)
         with bn_stats_frozen(model, not self.update_bn_on_attack):
-            return bl.solve(attack, _params(model), _uniform_start(x, self.eps, generator), bl.FirstOrder(),
+            return bl.solve(attack, model_params(model), uniform_start(x, self.eps, generator), bl.FirstOrder(),
                             check_finite=False)
 
 
@@ -451,7 +433,7 @@ class GradAlign(TrainingMethod):
     name = "grad_align"
 
     def __post_init__(self) -> None:
-        _check_eps(self.name, self.eps)
+        check_eps(self.name, self.eps)
         _check_positive(self.name, "step_size", self.step_size)
         for option in ("random_start", "clean_grad_graph", "update_bn_on_attack"):
             _check_bool(self.name, option, getattr(self, option))
@@ -459,21 +441,26 @@ class GradAlign(TrainingMethod):
             published = {8: 0.2, 16: 2.0}
             key = round(self.eps * 255)
             if key not in published or abs(self.eps * 255 - key) > 1e-6:
-                raise ValueError(f"{self.name}: no published ga_coef for eps={self.eps!r}; set ga_coef explicitly "
-                                 "(0.2 at 8/255 and 2.0 at 16/255 in Andriushchenko & Flammarion, 2020)")
+                raise OptionError(self.name, "ga_coef", f"is required: no published ga_coef for eps={self.eps!r}; set it "
+                                  "explicitly (0.2 at 8/255 and 2.0 at 16/255 in Andriushchenko & Flammarion, 2020)")
             self.ga_coef = published[key]
         if isinstance(self.ga_coef, bool) or not isinstance(self.ga_coef, (int, float)) or not self.ga_coef >= 0:
-            raise ValueError(f"{self.name}: ga_coef must be a number >= 0, got {self.ga_coef!r}")
+            raise OptionError(self.name, "ga_coef", f"must be a number >= 0, got {self.ga_coef!r}")
         if self.step_size is None:
             self.step_size = 1.25 * self.eps if self.random_start else self.eps
+
+    @property
+    def requires_double_backward(self) -> bool:
+        """True when the regularizer is on (``ga_coef > 0``): its noisy input gradient is differentiated."""
+        return self.ga_coef > 0
 
     def perturbation(self, model: nn.Module, x: Tensor, y: Tensor, *, generator: Generator = None,
                      attack_model: Optional[nn.Module] = None) -> Tensor:
         model = _attacker(model, attack_model)
         attack = attack_problem(model, x, y, threat_set(x, self.eps))
-        z0 = _uniform_start(x, self.eps, generator) if self.random_start else torch.zeros_like(x)
+        z0 = uniform_start(x, self.eps, generator) if self.random_start else torch.zeros_like(x)
         with bn_stats_frozen(model, not self.update_bn_on_attack):
-            return bl.solve(attack, _params(model), z0, bl.Linearized(step=self.step_size, sign=True), check_finite=False)
+            return bl.solve(attack, model_params(model), z0, bl.Linearized(step=self.step_size, sign=True), check_finite=False)
 
     def loss(self, model: nn.Module, x: Tensor, y: Tensor, *, generator: Generator = None,
              attack_model: Optional[nn.Module] = None) -> Tuple[Tensor, Tensor]:
@@ -482,14 +469,14 @@ class GradAlign(TrainingMethod):
         if self.ga_coef > 0 and not self.random_start and not self.clean_grad_graph:
             # FGSM from zero takes its sign step along the clean input gradient, which is also the
             # regularizer's constant clean gradient: compute it once (one forward/backward fewer).
-            noise = _uniform_noise(x, self.eps, generator)
+            noise = uniform_noise(x, self.eps, generator)
             with bn_stats_frozen(attacker, not self.update_bn_on_attack):
                 g_clean = _input_grad(attacker, x, y, create_graph=False)
                 delta = threat_set(x, self.eps).project(self.step_size * g_clean.sign())
                 reg = gradient_alignment(attacker, x, y, noise, g_clean=g_clean)
         else:
             delta = self.perturbation(model, x, y, generator=generator, attack_model=attack_model)
-            noise = _uniform_noise(x, self.eps, generator)
+            noise = uniform_noise(x, self.eps, generator)
             if self.ga_coef > 0:
                 with bn_stats_frozen(attacker, not self.update_bn_on_attack):
                     reg = gradient_alignment(attacker, x, y, noise, self.clean_grad_graph)
@@ -520,11 +507,11 @@ class NFGSM(TrainingMethod):
     name = "n_fgsm"
 
     def __post_init__(self) -> None:
-        _check_eps(self.name, self.eps)
+        check_eps(self.name, self.eps)
         _check_positive(self.name, "step_size", self.step_size)
         _check_bool(self.name, "update_bn_on_attack", self.update_bn_on_attack)
         if isinstance(self.noise_mult, bool) or not isinstance(self.noise_mult, (int, float)) or not self.noise_mult >= 0:
-            raise ValueError(f"{self.name}: noise_mult must be a number >= 0, got {self.noise_mult!r}")
+            raise OptionError(self.name, "noise_mult", f"must be a number >= 0, got {self.noise_mult!r}")
         if self.step_size is None:
             self.step_size = self.eps
 
@@ -532,9 +519,9 @@ class NFGSM(TrainingMethod):
                      attack_model: Optional[nn.Module] = None) -> Tensor:
         model = _attacker(model, attack_model)
         attack = attack_problem(model, x, y, threat_set(x, None))
-        z0 = _uniform_start(x, self.noise_mult * self.eps, generator)
+        z0 = uniform_start(x, self.noise_mult * self.eps, generator)
         with bn_stats_frozen(model, not self.update_bn_on_attack):
-            return bl.solve(attack, _params(model), z0, bl.Linearized(step=self.step_size, sign=True), check_finite=False)
+            return bl.solve(attack, model_params(model), z0, bl.Linearized(step=self.step_size, sign=True), check_finite=False)
 
 
 METHODS: Dict[str, Type[TrainingMethod]] = {

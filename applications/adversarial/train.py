@@ -1,9 +1,11 @@
 """Command line: train a model adversarially (or resume a run).
 
-    python applications/adversarial/train.py                               # the quickstart config
-    python applications/adversarial/train.py --config configs/fast_bat_cifar10_8.yaml data.path=/data/cifar10
-    python applications/adversarial/train.py --resume runs/<name>          # continue from runs/<name>/last.pt
-    torchrun --nproc_per_node 2 applications/adversarial/train.py --config ...   # data parallel
+    bilevel-train                                       # the quickstart config
+    bilevel-train --config applications/adversarial/configs/cifar10_fast_bat_8.yaml data.path=/data/cifar10
+    bilevel-train --resume runs/<name>                  # continue from runs/<name>/last.pt
+    torchrun --nproc_per_node 2 -m applications.adversarial.train --config ...   # data parallel
+
+(also ``python -m applications.adversarial ...`` or ``python applications/adversarial/train.py ...``)
 
 Overrides are ``key.sub=value`` (YAML values; fractions such as ``method.eps=8/255`` work). With
 ``--resume RUN_DIR`` the run's stored config is the base (``--config`` and overrides may change
@@ -18,29 +20,22 @@ Exit codes: 0 done, 2 invalid configuration / unusable run directory or checkpoi
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
 from typing import List, Optional
 
-if __package__ in (None, ""):  # run as a script: drop this folder from the path (its data.py etc. would
-    _here = Path(__file__).resolve().parent  # shadow top-level modules) and make the repo importable
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
-    sys.path.insert(0, str(_here.parents[1]))
+from applications.adversarial.checkpoint import CheckpointError, load
+from applications.adversarial.config import EXIT_CONFIG, QUICKSTART, ConfigError, load_config, read_yaml
+from applications.adversarial.trainer import EXIT_DIVERGED, ConsoleHandler, RunDirError, TrainingDiverged, train
 
-from applications.adversarial.checkpoint import CheckpointError, load  # noqa: E402
-from applications.adversarial.config import QUICKSTART, ConfigError, load_config, read_yaml  # noqa: E402
-from applications.adversarial.trainer import (  # noqa: E402
-    EXIT_CONFIG,
-    EXIT_DIVERGED,
-    RunDirError,
-    TrainingDiverged,
-    train,
-)
+__all__ = ["build_parser", "log_to_console", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    """The command line of ``bilevel-train``."""
+    p = argparse.ArgumentParser(prog="bilevel-train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--config", type=Path, default=None, help=f"YAML config (default: {QUICKSTART.name}, or the "
                    "resumed run's config)")
@@ -50,8 +45,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def log_to_console() -> None:
+    """The application's log messages (INFO and above) on stdout, once."""
+    log = logging.getLogger("applications.adversarial")
+    if not any(isinstance(h, ConsoleHandler) for h in log.handlers):
+        handler = ConsoleHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    """The train command; returns its exit status."""
     args = build_parser().parse_args(argv)
+    log_to_console()
     try:
         if args.resume is not None:
             last = args.resume / "last.pt"

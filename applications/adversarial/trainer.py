@@ -1,4 +1,4 @@
-r"""The adversarial-training loop: data on the device, per-iteration LR, validation, checkpoints, metrics.
+r"""The adversarial-training loop: per-iteration LR, validation, checkpoints, resume, CO detection.
 
 Each optimizer step solves the upper problem of the method's bi-level program once:
 
@@ -8,50 +8,38 @@ Each optimizer step solves the upper problem of the method's bi-level program on
     + \text{momentum, weight decay}\big),
 
 where ``method.loss(model, x, y)`` builds :math:`\delta^\star(\theta)` (with whatever derivative the
-method keeps, e.g. Fast-BAT's implicit term) and ``loss.backward()`` yields the full gradient.
+method keeps, e.g. Fast-BAT's implicit term) and ``loss.backward()`` yields the full gradient. Batches
+come from a :class:`~applications.adversarial.data.DeviceLoader` over the uint8 training split held on
+the device; losses and accuracies stay in device tensors and are read once per epoch (the non-finite
+check reads one scalar every ``train.nan_check_every`` steps).
 
-Design (airbench-style): the uint8 dataset lives on the device; a batch is one ``index_select``,
-a ``/255`` and a batched augmentation; losses and accuracies are accumulated in device tensors and
-read once per epoch (the non-finite check reads one scalar every ``train.nan_check_every`` steps).
+Reproducibility: every random stream derives from ``seed`` (:mod:`~applications.adversarial.seeds`):
+the initialization, the order and augmentation of epoch ``e`` (so epoch ``e`` is the same whether or not
+the run was resumed), the methods' random starts (a generator whose state is checkpointed) and the
+evaluation attacks (re-seeded for every evaluation). On the CPU a resumed run reproduces an
+uninterrupted one bit for bit.
 
-Reproducibility. All randomness derives from ``seed``: the model initialization (global generator
-seeded with ``seed``), the data order and augmentation of epoch ``e`` (a generator seeded from
-``(seed, e)``, so epoch ``e`` is the same whether or not the run was resumed), the method's random
-starts (a dedicated generator whose state is checkpointed), and the evaluation attacks (generators
-re-seeded for every evaluation, so epochs are compared on the same random starts). On the CPU a
-resumed run reproduces an uninterrupted one bit for bit.
+Data parallelism (``torchrun --nproc_per_node W``): ``train.batch_size`` is the GLOBAL batch; every rank
+draws the same permutation and augmentation and takes its strided rows. The step calls
+``method.loss(ddp_model, x, y, attack_model=module)`` (why: :mod:`~applications.adversarial.methods`).
+DDP is built with ``broadcast_buffers=False``, so each rank keeps its own BatchNorm running statistics
+during the epoch; they are averaged over ranks after every epoch. Only rank 0 writes files.
 
-Data parallelism (``torchrun --nproc_per_node W``). ``train.batch_size`` is the GLOBAL batch: every
-rank draws the same permutation and the same augmentation of global batch ``j`` and takes the
-strided part ``[rank::W]`` (``batch_size`` must be divisible by ``W``). The module is wrapped in
-``DistributedDataParallel`` and the step calls ``method.loss(ddp_model, x, y, attack_model=module)``:
-every attack pass, input-gradient pass and Fast-BAT linearization runs through the plain module
-(per-rank work with no collective), only the training forward at ``x + delta`` through the wrapper.
-``loss.backward()`` sums the direct and the implicit (through ``delta(theta)``) contributions in each
-parameter's ``.grad`` before DDP's hook all-reduces and averages it: the gradient of the global-batch
-mean loss (``distributed.py``; checked in ``tests/adversarial/test_distributed.py``). DDP is built with
-``broadcast_buffers=False``: each rank keeps its own BatchNorm running statistics during the epoch
-(the attack passes never go through the wrapper, so broadcasting rank 0's buffers at the training
-forward would only overwrite the other ranks' updates and cost one collective per step); they are
-averaged over ranks after every epoch. The methods' random starts use one generator seeded alike on
-every rank, through :class:`~applications.adversarial.methods.ShardedGenerator`: each rank takes its
-rows of the draw for the global batch, so a BatchNorm-free model follows the single-process run with
-the same global batch up to float reordering. With BatchNorm, batch statistics are per rank.
-Evaluation and its attacks use the plain module. Only rank 0 writes files; metrics are reduced over ranks.
+The log goes through :mod:`logging` (logger ``applications.adversarial.trainer``); during :meth:`Trainer.run`
+rank 0 also appends it to the run's ``train.log``.
 """
 
 from __future__ import annotations
 
 import copy
-import csv
-import json
-import os
+import itertools
+import logging
 import random
+import shutil
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -60,36 +48,33 @@ from torch import Tensor, nn
 
 from . import checkpoint as ckpt_lib
 from . import distributed as dist_lib
-from .attacks import _as_images, _EvalMode, robust_accuracy
+from .attacks import ShardedGenerator
+from .build import build_run_model, load_run_data
 from .config import Config, ConfigError, config_to_dict
-from .data import Augment, ImageArrays, load_dataset, train_val_split
-from .methods import ShardedGenerator, build_method
-from .models import build_model
+from .data import Augment, DeviceLoader
+from .evaluation import evaluate_clean, evaluate_robust, format_table
+from .methods import build_method
 from .overfitting import CatastrophicOverfitting
+from .records import RUN_FILES, TENSORBOARD_DIR, TensorBoardScalars, write_json, write_metrics, write_plot
+from .schedule import learning_rate
+from .seeds import Stream, mix_seed
 
 __all__ = [
-    "EXIT_CONFIG",
-    "EXIT_DIVERGED",
     "CHECKPOINT_FORMAT",
+    "EXIT_DIVERGED",
+    "ConsoleHandler",
     "RunDirError",
-    "RunData",
-    "TrainingDiverged",
     "Trainer",
-    "build_run_model",
-    "evaluate_clean",
-    "evaluate_robust",
-    "format_table",
-    "learning_rate",
-    "load_run_data",
-    "mix_seed",
+    "TrainingDiverged",
     "train",
 ]
 
-EXIT_CONFIG = 2
+#: Exit status of the train command when the loss diverged.
 EXIT_DIVERGED = 3
+#: Version of the checkpoint layout written by :class:`Trainer`.
 CHECKPOINT_FORMAT = 1
-METRIC_FIELDS = ("epoch", "step", "lr", "train_loss", "train_acc", "val_clean_acc", "val_robust_acc", "val_robust_n",
-                 "epoch_time_s", "eval_time_s", "co_collapsed", "is_best")
+
+logger = logging.getLogger(__name__)
 
 
 class TrainingDiverged(RuntimeError):
@@ -107,181 +92,18 @@ class RunDirError(RuntimeError):
     """The run directory cannot be used (holds a checkpoint of another run, or lacks one to resume)."""
 
 
-def mix_seed(seed: int, *tags: int) -> int:
-    """A deterministic 62-bit seed derived from ``seed`` and integer ``tags`` (splitmix64-style)."""
-    h = (int(seed) + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
-    for t in tags:
-        h ^= (int(t) + 0x9E3779B97F4A7C15 + (h << 6) + (h >> 2)) & 0xFFFFFFFFFFFFFFFF
-        h = (h * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-        h ^= h >> 31
-    return h >> 2
+class ConsoleHandler(logging.Handler):
+    """Writes log messages to stdout, above any tqdm progress bar (plain ``print`` without tqdm)."""
 
-
-_TAG_DATA, _TAG_METHOD, _TAG_VAL, _TAG_TEST = 1, 2, 3, 4
-
-
-def learning_rate(step: int, cfg: Config, steps_per_epoch: int, total_steps: int) -> float:
-    """LR for optimizer step ``step`` (0-based) of ``total_steps``.
-
-    cyclic: piecewise linear in ``t = (step + 1) / total_steps``: 0 at t = 0, ``lr_max`` at
-    ``t = lr_peak``, 0 at t = 1 (the official schedule, evaluated after each iteration);
-    piecewise: ``lr_max * lr_gamma ** #{m in lr_milestones : epoch >= m}`` with ``epoch = step //
-    steps_per_epoch`` (0-based); constant: ``lr_max``.
-    """
-    t = cfg.train
-    if t.lr_schedule == "cyclic":
-        return float(np.interp((step + 1) / total_steps, [0.0, t.lr_peak, 1.0], [0.0, t.lr_max, 0.0]))
-    if t.lr_schedule == "piecewise":
-        epoch = step // steps_per_epoch
-        return t.lr_max * t.lr_gamma ** sum(1 for m in t.lr_milestones if epoch >= m)
-    return t.lr_max
-
-
-# -------------------------------------------------------------------------------------------- data / model
-
-
-@dataclass
-class RunData:
-    """Train / validation / test splits (uint8, on the device) and what the model needs to know."""
-
-    train: ImageArrays
-    val: Optional[ImageArrays]
-    test: ImageArrays
-    info: Dict[str, Any]
-
-
-def load_run_data(cfg: Config, device: torch.device, need_train: bool = True) -> RunData:
-    """Loads ``cfg.data``: the training split minus its last ``n_val`` images (validation), capped at
-    ``n_train``, and the test split, all moved to ``device``."""
-    train_full, test = load_dataset(cfg.data.name, cfg.data.path)
-    info = {"num_classes": train_full.num_classes, "channels": train_full.channels,
-            "image_size": list(train_full.image_size), "mean": list(train_full.mean), "std": list(train_full.std),
-            "classes": list(train_full.classes)}
-    val = None
-    train_split = train_full
-    if need_train:
-        if cfg.data.n_val > 0:
-            train_split, val = train_val_split(train_full, cfg.data.n_val)
-        if cfg.data.n_train is not None:
-            train_split = train_split.subset(slice(0, min(cfg.data.n_train, len(train_split))))
-        train_split = train_split.to(device)
-        val = val.to(device) if val is not None else None
-    return RunData(train=train_split, val=val, test=test.to(device), info=info)
-
-
-def build_run_model(cfg: Config, info: Dict[str, Any]) -> nn.Module:
-    """The configured network with its input normalization (``models.build_model``)."""
-    return build_model(cfg.model.name, int(info["num_classes"]), int(info["channels"]), info["mean"], info["std"],
-                       **cfg.model.options)
-
-
-# -------------------------------------------------------------------------------------------- evaluation
-
-
-def _shard_range(n: int, ctx: dist_lib.DistContext) -> Tensor:
-    return torch.arange(n)[ctx.rank::ctx.world_size] if ctx.enabled else torch.arange(n)
-
-
-def evaluate_clean(model: nn.Module, arrays: ImageArrays, batch_size: int, ctx: dist_lib.DistContext,
-                   n: Optional[int] = None) -> Tuple[float, int]:
-    """Clean accuracy of ``model`` (eval mode) on the first ``n`` images, sharded over ranks.
-    Returns (accuracy, number of images). One host synchronization."""
-    n = len(arrays) if n is None else min(n, len(arrays))
-    idx = _shard_range(n, ctx).to(arrays.x.device)
-    device = next(model.parameters()).device
-    correct = torch.zeros((), dtype=torch.int64, device=device)
-    with _EvalMode(model), torch.no_grad():  # restores each submodule's own mode
-        for start in range(0, len(idx), batch_size):
-            sel = idx[start:start + batch_size]
-            x = _as_images(arrays.x.index_select(0, sel), device)
-            y = arrays.y.index_select(0, sel).to(device)
-            correct += (model(x).argmax(1) == y).sum()
-    correct = dist_lib.reduce_sum(correct, ctx)
-    return int(correct) / max(n, 1), n
-
-
-def evaluate_robust(model: nn.Module, arrays: ImageArrays, n: Optional[int], eps: float, steps: int, restarts: int,
-                    step_size: Optional[float], batch_size: int, seed: int, ctx: dist_lib.DistContext
-                    ) -> Dict[str, float]:
-    """Clean and PGD-``steps``-``restarts`` accuracy on the first ``n`` images (``attacks.robust_accuracy``),
-    sharded over ranks; the random starts come from a generator seeded with ``seed`` (per rank)."""
-    n = len(arrays) if n is None else min(n, len(arrays))
-    idx = _shard_range(n, ctx).to(arrays.x.device)
-    device = next(model.parameters()).device
-    counts = torch.zeros(2, dtype=torch.float64)
-    if len(idx) > 0:
-        gen = torch.Generator(device=device)
-        gen.manual_seed(mix_seed(seed, ctx.rank))
-        res = robust_accuracy(model, arrays.x.index_select(0, idx), arrays.y.index_select(0, idx), eps, steps=steps,
-                              restarts=restarts, step_size=step_size, batch_size=batch_size, device=device,
-                              generator=gen)
-        counts = torch.tensor([round(res["clean_acc"] * res["n"]), round(res["robust_acc"] * res["n"])],
-                              dtype=torch.float64)
-    if ctx.enabled:
-        counts = dist_lib.reduce_sum(counts.to(ctx.device), ctx).cpu()
-    clean, robust = counts.tolist()
-    return {"clean_acc": clean / max(n, 1), "robust_acc": robust / max(n, 1), "n": n}
-
-
-def format_table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
-    """A plain-text table (left-aligned first column, right-aligned others)."""
-    cells = [[str(h) for h in header]] + [[f"{v:.4f}" if isinstance(v, float) else str(v) for v in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-
-    def line(r: List[str]) -> str:
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-
-    return "\n".join([line(cells[0]), "  ".join("-" * w for w in widths)] + [line(r) for r in cells[1:]])
-
-
-# -------------------------------------------------------------------------------------------- outputs
-
-
-def _write_metrics(run_dir: Path, history: List[Dict[str, Any]]) -> None:
-    """metrics.jsonl and metrics.csv rewritten from the history (atomic renames)."""
-    tmp = run_dir / ".metrics.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
-    os.replace(tmp, run_dir / "metrics.jsonl")
-    tmp = run_dir / ".metrics.csv.tmp"
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(METRIC_FIELDS), extrasaction="ignore")
-        w.writeheader()
-        for r in history:
-            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in METRIC_FIELDS})
-    os.replace(tmp, run_dir / "metrics.csv")
-
-
-def _write_plot(path: Path, history: List[Dict[str, Any]], title: str) -> None:
-    """plot.png: training accuracy (on the method's training inputs), validation clean and robust
-    accuracy per epoch; train loss on a second panel."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # pragma: no cover - matplotlib is in the apps extra
-        return
-    epochs = [r["epoch"] for r in history]
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    ax.plot(epochs, [r["train_acc"] for r in history], "o-", label="train (method's inputs)")
-    if any(r.get("val_clean_acc") is not None for r in history):
-        ax.plot(epochs, [r.get("val_clean_acc") for r in history], "s-", label="val clean")
-        ax.plot(epochs, [r.get("val_robust_acc") for r in history], "^-", label="val robust (PGD)")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("accuracy")
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    ax.set_title(title)
-    ax2.plot(epochs, [r["train_loss"] for r in history], "o-", color="C3")
-    ax2.set_xlabel("epoch")
-    ax2.set_ylabel("train loss")
-    ax2.grid(alpha=0.3)
-    fig.tight_layout()
-    tmp = path.with_name(".plot.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = self.format(record)
+        try:
+            from tqdm import tqdm
+        except ImportError:  # pragma: no cover - tqdm is in the apps extra
+            print(msg)
+        else:
+            tqdm.write(msg, file=sys.stdout)
+        sys.stdout.flush()
 
 
 def _progress(iterable: Any, enabled: bool, **kwargs: Any) -> Any:
@@ -294,9 +116,6 @@ def _progress(iterable: Any, enabled: bool, **kwargs: Any) -> Any:
     return tqdm(iterable, dynamic_ncols=True, **kwargs)
 
 
-# -------------------------------------------------------------------------------------------- trainer
-
-
 class Trainer:
     """One training run. ``run()`` trains (or resumes), validates every epoch, keeps ``best.pt`` (by
     validation robust accuracy) and ``last.pt`` (everything needed to resume), and finishes with a
@@ -307,10 +126,9 @@ class Trainer:
     """
 
     def __init__(self, cfg: Config, ctx: dist_lib.DistContext, run_dir: Path, resume: bool = False,
-                 log: Optional[Callable[[str], None]] = None, progress: Optional[bool] = None) -> None:
+                 progress: Optional[bool] = None) -> None:
         self.cfg, self.ctx, self.run_dir, self.resume = cfg, ctx, Path(run_dir), resume
         self.device = ctx.device
-        self._log_fn = log
         if progress is None:
             progress = sys.stderr.isatty()
         self.progress = bool(progress) and ctx.is_main
@@ -328,18 +146,9 @@ class Trainer:
     # ----------------------------------------------------------------------------------- logging
 
     def log(self, msg: str) -> None:
-        if not self.ctx.is_main:
-            return
-        if self._log_fn is not None:
-            self._log_fn(msg)
-        elif self.progress:
-            from tqdm import tqdm
-
-            tqdm.write(msg)
-        else:
-            print(msg, flush=True)
-        with open(self.run_dir / "train.log", "a") as f:
-            f.write(msg + "\n")
+        """One line of the run's log (rank 0 only): :mod:`logging` at INFO, and ``train.log`` during :meth:`run`."""
+        if self.ctx.is_main:
+            logger.info(msg)
 
     # ----------------------------------------------------------------------------------- setup
 
@@ -363,10 +172,11 @@ class Trainer:
             if not self.cfg.output.overwrite:
                 raise RunDirError(f"run directory {self.run_dir} already holds a checkpoint; resume it with "
                                   f"--resume {self.run_dir}, choose another output.name, or set output.overwrite=true")
-            for name in ("last.pt", "best.pt", "metrics.jsonl", "metrics.csv", "plot.png", "results.json", "train.log"):
+            for name in RUN_FILES:
                 p = self.run_dir / name
                 if p.exists():
                     p.unlink()
+            shutil.rmtree(self.run_dir / TENSORBOARD_DIR, ignore_errors=True)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False))
 
@@ -402,10 +212,13 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if self.amp == "fp16" else None
         self.method = build_method(cfg.method.name, **cfg.method.options)
         self.method_gen = torch.Generator(device=self.device)  # the same on every rank (see _method_generator)
-        self.method_gen.manual_seed(mix_seed(cfg.seed, _TAG_METHOD, 0))
+        self.method_gen.manual_seed(mix_seed(cfg.seed, Stream.METHOD, 0))
         a = cfg.data.augmentation
-        self.augment = Augment(crop_padding=a.crop, flip=a.flip, rotation=a.rotation) if (
+        augment = Augment(crop_padding=a.crop, flip=a.flip, rotation=a.rotation) if (
             a.crop > 0 or a.flip or a.rotation > 0) else None
+        self.loader = DeviceLoader(self.data.train, cfg.train.batch_size, device=self.device, drop_last=True,
+                                   augment=augment, generator=torch.Generator(device=self.device),
+                                   channels_last=cfg.train.channels_last, rank=ctx.rank, world_size=ctx.world_size)
         self.co = CatastrophicOverfitting(**cfg.co.options) if cfg.co.enabled else None
 
         self.epoch = 0  # completed epochs
@@ -445,10 +258,10 @@ class Trainer:
         else:
             self.notes.append(f"checkpoint written by {saved_world} process(es), resumed with {self.ctx.world_size}: "
                               "random generators re-seeded (the run will not be bit-identical)")
-            self.method_gen.manual_seed(mix_seed(self.cfg.seed, _TAG_METHOD, 0, self.epoch))
+            self.method_gen.manual_seed(mix_seed(self.cfg.seed, Stream.METHOD, 0, self.epoch))
         if self.ctx.is_main:  # metrics files follow the checkpoint (a crash may have left a newer line)
             self.history = [r for r in self.history if r["epoch"] <= self.epoch]
-            _write_metrics(self.run_dir, self.history)
+            write_metrics(self.run_dir, self.history)
         self.log(f"resumed from {path}: {self.epoch} epoch(s), {self.step} step(s) done")
 
     # ----------------------------------------------------------------------------------- checkpoints
@@ -507,11 +320,7 @@ class Trainer:
 
     def _train_epoch(self) -> Dict[str, Any]:
         cfg, ctx = self.cfg, self.ctx
-        B = cfg.train.batch_size
-        gen = torch.Generator(device=self.device)
-        gen.manual_seed(mix_seed(cfg.seed, _TAG_DATA, self.epoch))
-        perm = torch.randperm(self.n_train, generator=gen, device=self.device)
-        xs, ys = self.data.train.x, self.data.train.y
+        self.loader.generator.manual_seed(mix_seed(cfg.seed, Stream.DATA, self.epoch))
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
         correct = torch.zeros((), dtype=torch.int64, device=self.device)
         bad_step = torch.full((), -1, dtype=torch.int64, device=self.device)
@@ -522,18 +331,10 @@ class Trainer:
         autocast = torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
         lr = 0.0
         method_gen = self._method_generator()
-        bar = _progress(range(n_steps), self.progress, desc=f"epoch {self.epoch + 1}", leave=False, unit="batch")
-        for i in bar:
-            idx = perm[i * B:(i + 1) * B]
-            x = xs.index_select(0, idx).float().div_(255)
-            y = ys.index_select(0, idx)
-            if self.augment is not None:
-                x = self.augment(x, gen)  # same draws on every rank: the global batch is augmented as one
-            if ctx.enabled:
-                x, y = x[ctx.rank::ctx.world_size], y[ctx.rank::ctx.world_size]
-            if cfg.train.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            lr = learning_rate(self.step, cfg, self.spe, self.total_steps)
+        batches = _progress(itertools.islice(self.loader, n_steps), self.progress, total=n_steps,
+                            desc=f"epoch {self.epoch + 1}", leave=False, unit="batch")
+        for x, y in batches:
+            lr = learning_rate(self.step, cfg.train, self.spe, self.total_steps)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             self.optimizer.zero_grad(set_to_none=True)
@@ -578,7 +379,7 @@ class Trainer:
         out: Dict[str, Any] = {"val_clean_acc": clean, "val_robust_acc": None, "val_robust_n": 0}
         if cfg.eval.val_n > 0:
             r = evaluate_robust(self.model, val, cfg.eval.val_n, cfg.eps, cfg.eval.val_steps, cfg.eval.val_restarts,
-                                cfg.eval.val_step_size, cfg.eval.batch_size, mix_seed(cfg.seed, _TAG_VAL), self.ctx)
+                                cfg.eval.val_step_size, cfg.eval.batch_size, mix_seed(cfg.seed, Stream.VAL), self.ctx)
             out.update(val_robust_acc=r["robust_acc"], val_robust_n=r["n"])
         return out
 
@@ -586,12 +387,33 @@ class Trainer:
 
     def run(self) -> Dict[str, Any]:
         """Trains to the end (or resumes and finishes), then evaluates; returns the results dict."""
+        self._prepare_run_dir()
+        handler: Optional[logging.Handler] = None
+        if self.ctx.is_main:  # train.log: this run's messages, appended
+            handler = logging.FileHandler(self.run_dir / "train.log")
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            logger.addHandler(handler)
+            if logger.getEffectiveLevel() > logging.INFO:
+                logger.setLevel(logging.INFO)
+        self.scalars: Optional[TensorBoardScalars] = None
+        try:
+            return self._run()
+        finally:
+            if self.scalars is not None:
+                self.scalars.close()
+            if handler is not None:
+                logger.removeHandler(handler)
+                handler.close()
+
+    def _run(self) -> Dict[str, Any]:
         wall0 = time.perf_counter()
         cfg, ctx = self.cfg, self.ctx
-        self._prepare_run_dir()
         self._setup()
         if self.resume:
             self._load_resume()
+        if cfg.output.tensorboard and ctx.is_main:  # a resumed run hides the events of the epochs it repeats
+            self.scalars = TensorBoardScalars(self.run_dir / TENSORBOARD_DIR,
+                                              purge_step=self.epoch + 1 if self.resume else None)
         for note in self.notes:
             self.log(f"note: {note}")
         self.log(f"run {self.run_dir}: {cfg.method.name} on {cfg.data.name} ({self.n_train} train / "
@@ -630,9 +452,11 @@ class Trainer:
             self.history.append(record)
             rng = self._rng_states()
             if ctx.is_main:
-                _write_metrics(self.run_dir, self.history)
-                _write_plot(self.run_dir / "plot.png", self.history, f"{cfg.method.name} / {cfg.model.name} / "
+                write_metrics(self.run_dir, self.history)
+                write_plot(self.run_dir / "plot.png", self.history, f"{cfg.method.name} / {cfg.model.name} / "
                             f"{cfg.data.name}, eps {cfg.eps:.4g}")
+                if self.scalars is not None:
+                    self.scalars.add(record)
                 if record["is_best"]:
                     self._save_best(record)
                 self._save_last(rng)
@@ -664,7 +488,7 @@ class Trainer:
                 t0 = time.perf_counter()
                 r = evaluate_robust(model, self.data.test, cfg.eval.test_n, cfg.eps, cfg.eval.test_steps,
                                     cfg.eval.test_restarts, cfg.eval.test_step_size, cfg.eval.batch_size,
-                                    mix_seed(cfg.seed, _TAG_TEST), ctx)
+                                    mix_seed(cfg.seed, Stream.TEST), ctx)
                 test[name] = {"epoch": epoch, **r, "time_s": time.perf_counter() - t0}
             rows = [[k, v["epoch"], v["n"], v["clean_acc"], v["robust_acc"]] for k, v in test.items()]
             self.log(f"test ({attack}, eps {cfg.eps:.5g}):\n" + format_table(
@@ -680,15 +504,13 @@ class Trainer:
             "stopped_early": self.co_stop, "train_time_s": train_time, "wall_time_s": wall,
         }
         if ctx.is_main:
-            tmp = self.run_dir / ".results.json.tmp"
-            tmp.write_text(json.dumps(results, indent=2))
-            os.replace(tmp, self.run_dir / "results.json")
+            write_json(self.run_dir / "results.json", results)
         dist_lib.barrier(ctx)  # leave together: a rank tearing down gloo while another still talks aborts it
         return results
 
 
 def train(cfg: Config, run_dir: Optional[Path] = None, resume: bool = False,
-          log: Optional[Callable[[str], None]] = None, progress: Optional[bool] = None) -> Dict[str, Any]:
+          progress: Optional[bool] = None) -> Dict[str, Any]:
     """Runs (or, with ``resume=True``, continues) the training described by ``cfg`` in ``run_dir``
     (default ``output.dir/<run name>``). Joins the torchrun process group when launched by torchrun.
 
@@ -701,6 +523,6 @@ def train(cfg: Config, run_dir: Optional[Path] = None, resume: bool = False,
     if run_dir is None:
         run_dir = Path(cfg.output.dir) / cfg.run_name()
     try:
-        return Trainer(cfg, ctx, Path(run_dir), resume=resume, log=log, progress=progress).run()
+        return Trainer(cfg, ctx, Path(run_dir), resume=resume, progress=progress).run()
     finally:
         dist_lib.cleanup(ctx)

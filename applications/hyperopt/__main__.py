@@ -1,5 +1,7 @@
 """``python -m applications.hyperopt``: tune digits' per-pixel L2 weights by hypergradient descent."""
 
-from .digits_l2 import main
+import sys
 
-main()
+from .digits_l2 import cli
+
+sys.exit(cli())

@@ -156,3 +156,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, List[float]]:
 
 if __name__ == "__main__":
     main()
+
+
+def cli(argv: Optional[Sequence[str]] = None) -> int:
+    """The ``bilevel-hyperopt`` command: :func:`main`, exit status 0."""
+    main(argv)
+    return 0

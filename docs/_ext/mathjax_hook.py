@@ -4,10 +4,12 @@ The pages load ``javascripts/mathjax.js``, which tries ``javascripts/vendor/math
 and falls back to a CDN copy of the same version. MathJax 3's browser bundle plus fonts is about 2.5 MB,
 too large to commit, so this hook copies it from a local cache at build time:
 
-* ``$BILEVEL_MATHJAX_DIR`` if set, else ``$XDG_CACHE_HOME/bilevel-docs/mathjax-<version>`` (default
-  ``~/.cache/...``): a directory holding MathJax's ``es5/`` tree (the npm package's layout).
-* Fill the cache once, with the npm client:  ``python docs/_ext/mathjax_hook.py --fetch``
-  (runs ``npm pack mathjax@<version>`` and unpacks it; needs the npm registry, the build does not).
+* ``$BILEVEL_MATHJAX_DIR`` if set, else ``<repository>/.cache/mathjax-<version>`` (git-ignored): a
+  directory holding MathJax's ``es5/`` tree (the npm package's layout).
+* ``make docs`` fills the cache first, with the npm client: ``python docs/_ext/mathjax_hook.py --fetch``
+  (runs ``npm pack mathjax@<version>`` and unpacks it; needs the npm registry, the build does not), so
+  the built site typesets its math offline. ``tests/docs/test_docs_math.py`` opens the pages in headless
+  Chromium and checks that it did.
 
 Without a cache the build still succeeds offline and the site typesets math through the CDN when viewed
 online. The build itself never touches the network.
@@ -34,11 +36,11 @@ log = logging.getLogger("mkdocs.hooks.mathjax")
 
 
 def cache_dir() -> Path:
+    """Where the MathJax copy is cached (see the module docstring)."""
     env = os.environ.get("BILEVEL_MATHJAX_DIR")
     if env:
         return Path(env)
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "bilevel-docs" / f"mathjax-{MATHJAX_VERSION}"
+    return Path(__file__).resolve().parents[2] / ".cache" / f"mathjax-{MATHJAX_VERSION}"
 
 
 def local_es5() -> Optional[Path]:

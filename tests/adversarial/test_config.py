@@ -47,7 +47,7 @@ def test_every_problem_is_listed_once():
     assert "unknown key 'trian' (did you mean 'train'?)" in text
     assert "unknown key 'train.lr_mx' (did you mean 'lr_max'?)" in text
     assert "unknown method 'fast_bta' (did you mean 'fast_bat'?)" in text
-    assert "method.eps: must be in [0, 1]" in text
+    assert "method.eps: must be a number in [0, 1]" in text  # the methods' own eps rule
     assert "train.lr_max: must be >= 0" in text
     assert "train.epochs: must be > 0" in text
     assert "data.path: dataset 'cifar10' needs a path" in text
@@ -58,7 +58,7 @@ def test_every_problem_is_listed_once():
 def test_method_options_are_checked_against_the_method_dataclass():
     probs = problems_of(["method.lam=-1", "method.attack_stp=0.1"])
     text = "\n".join(probs)
-    assert "method.lam: must be >= 0" in text
+    assert "method.lam: must be a number > 0, got -1" in text  # FastBAT's own check
     assert "unknown key 'method.attack_stp' for method 'fast_bat' (did you mean 'attack_step'?)" in text
     # a method without an eps needs the evaluation radius
     assert "eval.eps" in "\n".join(problems_of([], base={"method": {"name": "standard"}}))
@@ -111,3 +111,56 @@ def test_train_py_exits_2_on_bad_config(tmp_path):
     for piece in ("method.eps", "train.lr_max", "unknown key 'train.epochz' (did you mean 'epochs'?)", "data.path"):
         assert piece in err
     assert not list(tmp_path.glob("*/last.pt"))  # nothing ran
+
+
+def test_sections_are_strict_pydantic_models_and_report_key_paths():
+    from pydantic import BaseModel
+
+    from applications.adversarial import config as C
+
+    for section in (C.Config, C.DataConfig, C.AugmentConfig, C.ModelConfig, C.MethodConfig, C.TrainConfig,
+                    C.EvalConfig, C.COConfig, C.OutputConfig):
+        assert issubclass(section, BaseModel) and section.model_config["extra"] == "forbid"
+    probs = problems_of([
+        "data.augmentation.flp=true",     # nested unknown key
+        "data.augmentation.crop=-1",      # nested range
+        "train.lr_schedule=cylic",        # literal choice
+        "train.nesterov=1",               # bool, not int
+        "train.lr_peak=1.5",              # upper bound
+        "method.lam=abc",                 # a method option of the wrong type
+        "eval.test_n=0",                  # Optional[int] > 0
+        "device=gpu",
+    ])
+    text = "\n".join(probs)
+    assert len(probs) == 8, text
+    assert "unknown key 'data.augmentation.flp' (did you mean 'flip'?)" in text
+    assert "data.augmentation.crop: must be >= 0, got -1" in text
+    assert "train.lr_schedule: expected cyclic | piecewise | constant, got 'cylic' (did you mean 'cyclic'?)" in text
+    assert "train.nesterov: expected bool, got int 1" in text
+    assert "train.lr_peak: must be <= 1, got 1.5" in text
+    assert "method.lam: expected float, got str 'abc'" in text
+    assert "eval.test_n: must be > 0, got 0" in text
+    assert "device: expected auto | cpu | cuda | cuda:N, got 'gpu'" in text
+
+
+def test_fractions_and_method_option_types():
+    cfg = load_config(None, ["train.lr_max=1/10", "method.attack_step=10/255", "method.lam=.inf", "eval.eps=4/255"],
+                      base={"method": {"name": "fast_bat", "eps": "8/255"}})
+    assert cfg.train.lr_max == pytest.approx(0.1, rel=1e-15)
+    assert cfg.method.options["attack_step"] == pytest.approx(10 / 255, rel=1e-15)
+    assert cfg.method.options["eps"] == pytest.approx(8 / 255, rel=1e-15) and cfg.method.options["lam"] == float("inf")
+    assert cfg.eps == pytest.approx(4 / 255, rel=1e-15)
+    # whether the method needs a double backward decides train.compile
+    assert any(p.startswith("train.compile:") for p in problems_of(["train.compile=true"]))
+    assert load_config(None, ["train.compile=true", "method.lam=.inf"],
+                       base={"method": {"name": "fast_bat", "eps": 0.3}}).train.compile
+    assert "train.nesterov needs train.momentum > 0" in problems_of(["train.nesterov=true", "train.momentum=0"])
+
+
+def test_tensorboard_option_needs_the_package(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    assert problems_of(["output.tensorboard=true"]) == [
+        'output.tensorboard: needs the tensorboard package: pip install "bilevel[tensorboard]"']

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from applications.adversarial.attacks import uniform_start
+from applications.adversarial.attacks import ShardedGenerator, uniform_start
 from applications.adversarial.methods import (
     METHODS,
     NFGSM,
@@ -19,7 +19,6 @@ from applications.adversarial.methods import (
     FastAT,
     FastBAT,
     GradAlign,
-    ShardedGenerator,
     Standard,
     bn_stats_frozen,
     build_method,
@@ -541,3 +540,26 @@ def test_sharded_generator_gives_each_rank_its_rows_of_the_global_draw(name: str
         assert torch.allclose(part, full[r::world], rtol=0, atol=1e-12), r
     with pytest.raises(ValueError, match="rank"):
         ShardedGenerator(gen(), 3, 3)
+
+
+def test_requires_double_backward_is_an_attribute_of_each_method() -> None:
+    """Exactly the losses that differentiate an input gradient build a second-order graph."""
+    x, y = batch()
+    cases = [("standard", {}, False), ("fast_at", {}, False), ("pgd", {"steps": 2}, False), ("n_fgsm", {}, False),
+             ("fast_bat", {}, True), ("fast_bat", {"lam": None}, True), ("fast_bat", {"lam": math.inf}, False),
+             ("grad_align", {"ga_coef": 0.2}, True), ("grad_align", {"ga_coef": 0.0}, False)]
+    for name, options, expected in cases:
+        method = build_method(name, eps=0.05, **options)
+        assert method.requires_double_backward is expected, (name, options)
+        model = tiny_cnn(bn=False)
+        loss, _ = method.loss(model, x, y, generator=gen())
+        # a double backward shows as a grad_fn that is itself a backward node (e.g. ...BackwardBackward)
+        nodes, seen, stack = [], set(), [loss.grad_fn]
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            nodes.append(type(node).__name__)
+            stack.extend(n for n, _ in node.next_functions)
+        assert any("BackwardBackward" in n for n in nodes) is expected, (name, options, sorted(set(nodes)))

@@ -3,6 +3,7 @@ the run writes its files; a diverging run stops with exit code 3 and keeps its l
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -98,8 +99,10 @@ def test_catastrophic_overfitting_is_reported_and_stops_training(tmp_path):
     # collapsed once any robustness (>= 0) was seen and clean accuracy held at >= 0 x its best
     co = {"enabled": True, "early_stop": True, "min_robust_acc": 0.99, "min_best_robust_acc": 0.0,
           "clean_ratio": 0.0, "patience": 1}
+    has_tensorboard = importlib.util.find_spec("tensorboard") is not None
     proc, run = run_train(tmp_path, "co", {"name": "fast_at", "eps": 0.2}, "train.epochs=4", "eval.val_n=40",
-                          "eval.test_n=40", "eval.test_steps=5", f"co={json.dumps(co)}")
+                          "eval.test_n=40", "eval.test_steps=5", f"co={json.dumps(co)}",
+                          f"output.tensorboard={str(has_tensorboard).lower()}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((run / "results.json").read_text())
     assert results["catastrophic_overfitting"]["detected"] and results["catastrophic_overfitting"]["epoch"] == 2
@@ -108,3 +111,10 @@ def test_catastrophic_overfitting_is_reported_and_stops_training(tmp_path):
     assert "WARNING: catastrophic overfitting at epoch 2" in log and "co.early_stop: stopping training" in log
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["co_collapsed"] for r in records] == [False, True]
+    if has_tensorboard:  # the TensorBoard scalars are the metrics' numbers
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(run / "tensorboard"))
+        events.Reload()
+        robust = {e.step: e.value for e in events.Scalars("val/robust_accuracy")}
+        assert robust == pytest.approx({r["epoch"]: r["val_robust_acc"] for r in records}, rel=1e-6)

@@ -185,3 +185,34 @@ def test_step_profile_tiny_counts_the_double_backward(tmp_path):
     assert ops["aten::conv2d"]["exact_calls"] == ops["aten::conv2d"]["no_ig_calls"] == 6  # 3 forwards x 2 convs
     assert model["implicit_term_ms"] > 0
     assert model["ratios_to_fast_at"]["fast_bat exact IG (lam=1/step)"] > model["ratios_to_fast_at"]["fast_bat no IG (lam=inf)"]
+
+
+def test_fast_bat_official_updates_batchnorm_like_the_official_pass_sequence():
+    """With update_bn_on_attack=True (FastBAT.official) BatchNorm's running statistics after one step are
+    the official code's: its four train-mode forwards (at z0, at z, at delta* for the training loss's input
+    gradient, at delta* for the direct gradient), on a small BN CNN in float64; the gradients agree too."""
+    from torch import nn
+
+    from applications.adversarial.methods import FastBAT
+
+    def bn_cnn() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                             nn.Conv2d(4, 6, 3, stride=2, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+                             nn.Flatten(), nn.Linear(6 * 5 * 5, 10)).double().train()
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.rand(8, 1, 10, 10, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 10, (8,), generator=gen)
+    eps = 8 / 255
+    official = bn_cnn()
+    step_cost.official_style_fast_bat_grads(official, x, y, eps=eps, generator=torch.Generator().manual_seed(7))
+    ours = bn_cnn()
+    loss, _ = FastBAT.official(eps).loss(ours, x, y, generator=torch.Generator().manual_seed(7))
+    loss.backward()
+    buffers = dict(ours.named_buffers())
+    assert int(buffers["1.num_batches_tracked"]) == 4
+    for name, expected in official.named_buffers():
+        torch.testing.assert_close(buffers[name], expected, rtol=1e-12, atol=1e-14, msg=name)
+    for p, q in zip(ours.parameters(), official.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-12)

@@ -2,10 +2,12 @@
 
 * every repository path a page mentions (``applications/.../x.py``, ``.../configs/y.yaml``,
   ``benchmarks/z.py``; ``{a,b}`` alternatives expanded) exists;
-* every ``applications/adversarial/train.py`` command line in a ```bash block parses: its ``--config``
-  exists and its ``key=value`` overrides pass the trainer's configuration validation (no training runs);
-* every ``--flag`` given to another Python script of the repository in a ```bash block is one that
-  script defines (``"--flag"`` appears in its source).
+* every train command line in a ```bash block (``bilevel-train``, ``python -m applications.adversarial.train``
+  or the script ``applications/adversarial/train.py``) parses: its ``--config`` exists and its
+  ``key=value`` overrides pass the trainer's configuration validation (no training runs);
+* every ``--flag`` given to an installed command or another Python script of the repository in a
+  ```bash block is one that script defines (``"--flag"`` appears in its source);
+* the installed commands the docs name are the ``[project.scripts]`` of pyproject.toml.
 """
 
 from __future__ import annotations
@@ -22,6 +24,14 @@ DOCS = ROOT / "docs"
 PAGES = sorted(DOCS.rglob("*.md"))
 _PATH = re.compile(r"\b((?:applications|benchmarks|bilevel|tests)/[\w./{},\-]*\.(?:py|yaml))")
 _BASH = re.compile(r"^```bash[ \t]*\n(.*?)^```[ \t]*$", re.M | re.S)
+#: installed command (or module run with -m) -> the script that defines it
+COMMANDS = {
+    "bilevel-train": "applications/adversarial/train.py",
+    "applications.adversarial.train": "applications/adversarial/train.py",
+    "applications/adversarial/train.py": "applications/adversarial/train.py",
+    "bilevel-evaluate": "applications/adversarial/evaluate.py",
+    "bilevel-hyperopt": "applications/hyperopt/digits_l2.py",
+}
 
 
 def _expand(path: str) -> List[str]:
@@ -43,10 +53,10 @@ def _train_commands() -> Iterator[Tuple[str, List[str]]]:
         for block in _BASH.findall(page.read_text(encoding="utf-8")):
             for line in block.replace("\\\n", " ").splitlines():
                 line = line.split(" #")[0].strip()
-                if "applications/adversarial/train.py" in line:
-                    tokens = shlex.split(line)
-                    i = next(k for k, t in enumerate(tokens) if t.endswith("applications/adversarial/train.py"))
-                    yield page.relative_to(DOCS).as_posix(), tokens[i + 1:]
+                tokens = shlex.split(line) if line else []
+                starts = [k for k, t in enumerate(tokens) if COMMANDS.get(t) == "applications/adversarial/train.py"]
+                if starts:
+                    yield page.relative_to(DOCS).as_posix(), tokens[starts[0] + 1:]
 
 
 def _script_flags() -> Iterator[Tuple[str, str, str]]:
@@ -55,11 +65,11 @@ def _script_flags() -> Iterator[Tuple[str, str, str]]:
         for block in _BASH.findall(page.read_text(encoding="utf-8")):
             for line in block.replace("\\\n", " ").splitlines():
                 tokens = shlex.split(line.split(" #")[0])
-                scripts = [k for k, t in enumerate(tokens) if _PATH.fullmatch(t) and t.endswith(".py")]
+                scripts = [k for k, t in enumerate(tokens) if (_PATH.fullmatch(t) and t.endswith(".py")) or t in COMMANDS]
                 for k in scripts:
                     for t in tokens[k + 1:]:
                         if t.startswith("--"):
-                            yield page.relative_to(DOCS).as_posix(), tokens[k], t.split("=")[0]
+                            yield page.relative_to(DOCS).as_posix(), COMMANDS.get(tokens[k], tokens[k]), t.split("=")[0]
 
 
 def test_the_docs_mention_paths_and_commands() -> None:
@@ -101,3 +111,20 @@ def test_train_command_is_valid(page: str, args: List[str], tmp_path: Path) -> N
                 token = f"data.path={tmp_path}"
             overrides.append(token)
     config.load_config(cfg_path or config.QUICKSTART, overrides)
+
+
+def test_installed_commands_are_the_project_scripts() -> None:
+    """The commands the docs and README name are pyproject's [project.scripts], and each entry point
+    resolves to a callable (the module imports, the function exists)."""
+    import importlib
+
+    tomllib = pytest.importorskip("tomllib")
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["scripts"]
+    installed = {name for name in COMMANDS if name.startswith("bilevel-")}
+    assert set(scripts) == installed
+    text = "".join(page.read_text(encoding="utf-8") for page in PAGES) + (ROOT / "README.md").read_text(encoding="utf-8")
+    for name, target in scripts.items():
+        assert name in text, f"{name} is not documented"
+        module, _, func = target.partition(":")
+        assert callable(getattr(importlib.import_module(module), func)), target
+        assert (ROOT / COMMANDS[name]).read_text(encoding="utf-8").count(f"def {func}(") == 1

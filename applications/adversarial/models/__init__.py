@@ -19,6 +19,7 @@ from .wide_resnet import WideBasicBlock, WideResNet, WideStage, wide_resnet34_10
 __all__ = [
     "BatchNorm2d",
     "MODELS",
+    "MODEL_ALIASES",
     "Normalized",
     "PreActBlock",
     "PreActResNet",
@@ -49,7 +50,8 @@ MODELS: Dict[str, Callable[..., nn.Module]] = {
     "small_cnn": lambda num_classes, in_channels, **kw: SmallCNN(num_classes, in_channels, **kw),
 }
 
-_ALIASES = {"prn18": "preact_resnet18", "wrn34_10": "wide_resnet34_10", "wrn": "wide_resnet", "cnn": "small_cnn"}
+#: short name -> name in :data:`MODELS`.
+MODEL_ALIASES = {"prn18": "preact_resnet18", "wrn34_10": "wide_resnet34_10", "wrn": "wide_resnet", "cnn": "small_cnn"}
 
 
 def build_model(
@@ -68,9 +70,9 @@ def build_model(
     Raises ValueError on an unknown name, listing the valid ones.
     """
     key = name.strip().lower().replace("-", "_")
-    key = _ALIASES.get(key, key)
+    key = MODEL_ALIASES.get(key, key)
     if key not in MODELS:
-        valid = ", ".join(sorted(MODELS)) + " (aliases: " + ", ".join(sorted(_ALIASES)) + ")"
+        valid = ", ".join(sorted(MODELS)) + " (aliases: " + ", ".join(sorted(MODEL_ALIASES)) + ")"
         raise ValueError(f"unknown model {name!r}; valid names: {valid}")
     if not isinstance(lean_batchnorm, bool):
         raise ValueError(f"lean_batchnorm must be true or false, got {lean_batchnorm!r}")

@@ -1,0 +1,53 @@
+"""The run's records: metrics files agree with the history; TensorBoard events read back hold the values."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from applications.adversarial.records import METRIC_FIELDS, TensorBoardScalars, write_json, write_metrics
+
+
+def record(epoch: int, **values):
+    base = {k: None for k in METRIC_FIELDS}
+    return {**base, "epoch": epoch, "step": 10 * epoch, "lr": 0.1 / epoch, "train_loss": 1.0 / epoch,
+            "train_acc": 0.5 + 0.1 * epoch, "val_clean_acc": 0.6, "val_robust_acc": 0.3 + 0.01 * epoch,
+            "epoch_time_s": 2.0, "eval_time_s": 0.5, **values}
+
+
+def test_metrics_files_hold_the_history(tmp_path):
+    history = [record(1), record(2, val_robust_acc=None, extra_key="kept in jsonl")]
+    write_metrics(tmp_path, history)
+    assert [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == history
+    rows = list(csv.DictReader((tmp_path / "metrics.csv").open()))
+    assert list(rows[0]) == list(METRIC_FIELDS)
+    assert float(rows[0]["val_robust_acc"]) == pytest.approx(0.31) and rows[1]["val_robust_acc"] == ""
+    write_json(tmp_path / "results.json", {"a": [1, 2]})
+    assert json.loads((tmp_path / "results.json").read_text()) == {"a": [1, 2]}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.csv", "metrics.jsonl", "results.json"]
+
+
+def read_scalars(log_dir):
+    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    acc = accumulator.EventAccumulator(str(log_dir))
+    acc.Reload()
+    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+
+
+def test_tensorboard_scalars_read_back_and_resume_purges(tmp_path):
+    pytest.importorskip("tensorboard")
+    writer = TensorBoardScalars(tmp_path)
+    for epoch in (1, 2, 3):
+        writer.add(record(epoch, val_robust_acc=None if epoch == 2 else 0.3 + 0.01 * epoch))
+    writer.close()
+    scalars = read_scalars(tmp_path)
+    assert scalars["val/robust_accuracy"] == pytest.approx({1: 0.31, 3: 0.33})
+    assert scalars["train/loss"] == pytest.approx({1: 1.0, 2: 0.5, 3: 1 / 3})
+    assert set(scalars) == set(TensorBoardScalars.TAGS.values()) and scalars["time/eval_s"] == {1: 0.5, 2: 0.5, 3: 0.5}
+    # a run resumed after epoch 1 repeats epochs 2-3: their old events are hidden
+    resumed = TensorBoardScalars(tmp_path, purge_step=2)
+    resumed.add(record(2, train_loss=0.25))
+    resumed.close()
+    assert read_scalars(tmp_path)["train/loss"] == pytest.approx({1: 1.0, 2: 0.25})
