@@ -99,15 +99,17 @@ class DifferenceProducts(SecondOrderProducts):
         x_flat, x_spec, y_flat, y_spec: the point, as leaves and tree specs.
         central: central (``True``) or forward differences.
         h: ``None`` for the step rule, or a fixed step: the point moves to :math:`y \pm h v`.
+        scale: a factor on the rule's step (ignored when ``h`` is given).
         base_x, base_y: :math:`\nabla_x g` and :math:`\nabla_y g` at the point, if already computed.
     """
 
     def __init__(self, objective: Objective, x_flat: Sequence[torch.Tensor], x_spec: Any,
                  y_flat: Sequence[torch.Tensor], y_spec: Any, *, central: bool, h: Optional[float] = None,
-                 base_x: Optional[List[torch.Tensor]] = None, base_y: Optional[List[torch.Tensor]] = None) -> None:
+                 scale: float = 1.0, base_x: Optional[List[torch.Tensor]] = None,
+                 base_y: Optional[List[torch.Tensor]] = None) -> None:
         self.objective, self.x_spec, self.y_spec = objective, x_spec, y_spec
         self.x_like, self.y_like = list(x_flat), list(y_flat)
-        self.central, self.h = central, h
+        self.central, self.h, self.scale = central, h, scale
         self.base_x, self.base_y = base_x, base_y
         self._t: Optional[torch.Tensor] = None
 
@@ -131,7 +133,7 @@ class DifferenceProducts(SecondOrderProducts):
         if self.h is not None:
             return self.h * v, 1.0 / ((2.0 if self.central else 1.0) * self.h)
         if self._t is None:
-            self._t = rule_step(self.y_like, self.central)
+            self._t = rule_step(self.y_like, self.central) * self.scale
         norm = torch.linalg.vector_norm(v.detach()).clamp_min(torch.finfo(v.dtype).tiny)
         # moving by t * v / |v| (not h * v with h = t / |v|) cannot overflow, and v = 0 gives 0
         return v * (self._t / norm), norm / ((2.0 if self.central else 1.0) * self._t)
@@ -164,18 +166,19 @@ class DifferencedGradient(torch.autograd.Function):
     :math:`x`, :math:`w \mapsto \nabla^2_{xy} g\, w`, by differences (no double backward). ``y`` is a
     constant (its cotangent is ``None``).
 
-    Call as ``DifferencedGradient.apply((objective, x_spec, y_spec, n_x, central, h), *x_flat, *y_flat)``; it
+    Call as ``DifferencedGradient.apply((objective, x_spec, y_spec, n_x, central, h, scale), *x_flat, *y_flat)``; it
     returns the leaves of :math:`\nabla_y g`, followed, for forward differences, by those of
     :math:`\nabla_x g` at the point (non-differentiable outputs: the forward pass computes them in the
     same backward pass, and the backward pass reuses them as the base of its difference; under
     ``torch.func`` transforms the backward pass recomputes them, so that it stays differentiable).
+    The backward pass evaluates :math:`g` under the autocast state of the forward pass.
     """
 
     generate_vmap_rule = True
 
     @staticmethod
     def forward(meta: Tuple, *tensors: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        objective, x_spec, y_spec, n_x, central, _ = meta
+        objective, x_spec, y_spec, n_x, central = meta[:5]
         x_flat, y_flat = list(tensors[:n_x]), list(tensors[n_x:])
         gx, gy = gradients(objective, x_flat, x_spec, y_flat, y_spec, wrt_x=not central, wrt_y=True)
         return (*gy, *(gx or []))
@@ -187,13 +190,17 @@ class DifferencedGradient(torch.autograd.Function):
         n_y = len(inputs) - 1 - n_x
         base_x = output[n_y:]
         ctx.meta, ctx.n_y = meta, n_y
+        # the backward pass evaluates g under the forward pass's autocast state (a forward difference
+        # must not subtract a bf16 gradient from a float32 one)
+        device_type = inputs[1 + n_x].device.type if n_y else "cpu"
+        ctx.autocast = (device_type, _autocast_dtype(device_type))
         if base_x:
             ctx.mark_non_differentiable(*base_x)
         ctx.save_for_backward(*inputs[1:], *base_x)
 
     @staticmethod
     def backward(ctx: Any, *cotangents: Optional[torch.Tensor]) -> Tuple[Optional[torch.Tensor], ...]:
-        objective, x_spec, y_spec, n_x, central, h = ctx.meta
+        objective, x_spec, y_spec, n_x, central, h, scale = ctx.meta
         n_y = ctx.n_y
         saved = ctx.saved_tensors
         x_flat, y_flat = list(saved[:n_x]), list(saved[n_x:n_x + n_y])
@@ -209,5 +216,9 @@ class DifferencedGradient(torch.autograd.Function):
                 "bilevel: double backward (create_graph=True) through a finite-difference product is not supported "
                 "under plain autograd; use torch.func (e.g. torch.func.jacrev(torch.func.grad(F))) or products=Exact()"
             )
-        products = DifferenceProducts(objective, x_flat, x_spec, y_flat, y_spec, central=central, h=h, base_x=base_x)
-        return (None, *products.cross(to_vector(w)), *([None] * n_y))
+        products = DifferenceProducts(objective, x_flat, x_spec, y_flat, y_spec, central=central, h=h, scale=scale,
+                                      base_x=base_x)
+        device_type, cast = ctx.autocast
+        with torch.autocast(device_type, dtype=cast, enabled=cast is not None):
+            cross = products.cross(to_vector(w))
+        return (None, *cross, *([None] * n_y))

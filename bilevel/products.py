@@ -59,28 +59,33 @@ class Exact(Products):
         return value_and_grad_y(objective, x, y, create_graph=True)[1]
 
 
-def _check_h(who: str, h: Optional[float]) -> None:
-    if h is None:
-        return
-    if isinstance(h, bool) or not isinstance(h, (int, float)) or not math.isfinite(h) or not h > 0:
-        raise ValueError(f"{who}: h must be None (the step rule) or a finite number > 0, got {h!r}")
+def _positive(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
 
 class _Difference(Products):
     central: bool
     h: Optional[float]
+    scale: float
 
     def __post_init__(self) -> None:
-        _check_h(type(self).__name__, self.h)
+        who = type(self).__name__
+        if self.h is not None and not _positive(self.h):
+            raise ValueError(f"{who}: h must be None (the step rule) or a finite number > 0, got {self.h!r}")
+        if not _positive(self.scale):
+            raise ValueError(f"{who}: scale must be a finite number > 0, got {self.scale!r}")
+        if self.h is not None and self.scale != 1.0:
+            raise ValueError(f"{who}: give h (a fixed step) or scale (a factor on the rule's step), not both")
 
     def at(self, objective: Objective, x_flat: Sequence[torch.Tensor], x_spec: Any, y_flat: Sequence[torch.Tensor],
            y_spec: Any) -> SecondOrderProducts:
-        return DifferenceProducts(objective, x_flat, x_spec, y_flat, y_spec, central=self.central, h=self.h)
+        return DifferenceProducts(objective, x_flat, x_spec, y_flat, y_spec, central=self.central, h=self.h,
+                                  scale=self.scale)
 
     def grad_y(self, objective: Objective, x: Tree, y: Tree) -> Tree:
         x_flat, x_spec = leaves(x)
         y_flat, y_spec = leaves(y)
-        meta = (objective, x_spec, y_spec, len(x_flat), self.central, self.h)
+        meta = (objective, x_spec, y_spec, len(x_flat), self.central, self.h, self.scale)
         out = DifferencedGradient.apply(meta, *x_flat, *[t.detach() for t in y_flat])
         return unflatten(list(out[: len(y_flat)]), y_spec)
 
@@ -106,9 +111,12 @@ class CentralDifference(_Difference):
 
     Args:
         h: ``None`` for the rule above, or a fixed step (the point moves to :math:`y \pm h v`).
+        scale: a factor on the rule's step (the rule's length :math:`1 + \lVert y\rVert` times
+            ``scale``), for objectives whose curvature changes over a longer or shorter length.
     """
 
     h: Optional[float] = None
+    scale: float = 1.0
     central = True
 
 
@@ -128,9 +136,11 @@ class ForwardDifference(_Difference):
 
     Args:
         h: ``None`` for the rule above, or a fixed step (the point moves to :math:`y + h v`).
+        scale: a factor on the rule's step.
     """
 
     h: Optional[float] = None
+    scale: float = 1.0
     central = False
 
 

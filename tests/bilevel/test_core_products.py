@@ -268,5 +268,40 @@ def test_bad_step_raises(cls, h):
         cls(h=h)
 
 
+@pytest.mark.parametrize("cls", [bl.CentralDifference, bl.ForwardDifference])
+def test_bad_scale_raises(cls):
+    for scale in [0.0, -2.0, math.nan, False]:
+        with pytest.raises(ValueError, match="scale must be a finite number > 0"):
+            cls(scale=scale)
+    with pytest.raises(ValueError, match="not both"):
+        cls(h=1e-3, scale=10.0)
+
+
+def test_scale_multiplies_the_rule_step():
+    objective, theta, z, u = _logistic_point()
+    for cls in [bl.CentralDifference, bl.ForwardDifference]:
+        d1, f1 = _products(objective, theta, z, cls()).step(u.reshape(-1))
+        d10, f10 = _products(objective, theta, z, cls(scale=10.0)).step(u.reshape(-1))
+        assert torch.allclose(d10, 10 * d1, rtol=1e-14) and torch.allclose(f10, f1 / 10, rtol=1e-14)
+
+
 def test_exact_is_the_default():
     assert bl.Implicit().products == bl.Exact() and bl.Linearized(0.5).products == bl.Exact()
+
+
+def test_linearized_backward_uses_the_forward_autocast_state():
+    """Forward under bf16 autocast, backward outside it: the differences are taken under bf16, as the
+    forward pass's gradient was (a forward difference of a bf16 and a float32 gradient would be noise)."""
+    theta, xs, ys, z = (t.float() for t in logistic_data())
+    lower = attack_problem(xs, ys)
+    grads = []
+    for backward_in_autocast in (False, True):
+        th = theta.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            delta = bl.solve(lower, th, z, bl.Linearized(step=0.5, products=bl.ForwardDifference()))
+            if backward_in_autocast:
+                delta.sum().backward()
+        if not backward_in_autocast:
+            delta.sum().backward()
+        grads.append(th.grad)
+    assert torch.equal(grads[0], grads[1]) and grads[0].abs().sum() > 0
