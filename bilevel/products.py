@@ -104,10 +104,12 @@ class CentralDifference(_Difference):
     evaluations per product, no double backward.
 
     Composes with ``torch.func.grad``, ``vmap`` and ``jacrev`` of ``grad`` (whose second derivative is
-    then the derivative of the difference quotient). Under plain autograd a double backward
-    (``create_graph=True``) through the product raises. ``g`` is re-evaluated at the shifted points,
-    so it must be deterministic; side effects (BatchNorm running statistics in train mode) happen
-    again, in the backward pass for ``Linearized``.
+    then the derivative of the difference quotient) and with ``torch.compile`` (the product runs
+    eagerly behind a graph break; ``Exact()`` cannot, AOTAutograd compiles no double backward). Under
+    plain autograd a double backward (``create_graph=True``) through the product raises. ``g`` is
+    re-evaluated at the shifted points, so it must be deterministic; side effects (BatchNorm running
+    statistics in train mode) happen again, in the backward pass for ``Linearized``. On ReLU networks
+    the difference crosses kinks and can be far from the exact product (see the strategies page).
 
     Args:
         h: ``None`` for the rule above, or a fixed step (the point moves to :math:`y \pm h v`).

@@ -305,3 +305,22 @@ def test_linearized_backward_uses_the_forward_autocast_state():
             delta.sum().backward()
         grads.append(th.grad)
     assert torch.equal(grads[0], grads[1]) and grads[0].abs().sum() > 0
+
+
+def test_torch_compile_of_a_differenced_linearized_step():
+    """AOTAutograd compiles no double backward; the differenced products need none (the Function runs eagerly
+    behind a graph break), so the compiled step gives the eager step's gradient and Exact() raises."""
+    theta, xs, ys, z = logistic_data()
+    lower = attack_problem(xs, ys)
+
+    def loss(th, products):
+        delta = bl.solve(lower, th, z, bl.Linearized(step=0.5, products=products), check_finite=False)
+        return torch.nn.functional.softplus(-ys * ((xs + delta) @ th)).sum()
+
+    for products in [bl.CentralDifference(), bl.ForwardDifference()]:
+        eager, compiled = theta.clone().requires_grad_(), theta.clone().requires_grad_()
+        loss(eager, products).backward()
+        torch.compile(lambda th, p=products: loss(th, p), backend="aot_eager")(compiled).backward()
+        assert rel(compiled.grad, eager.grad) < 1e-12
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.compile(lambda th: loss(th, bl.Exact()), backend="aot_eager")(theta.clone().requires_grad_()).backward()
