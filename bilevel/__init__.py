@@ -6,7 +6,9 @@ r"""bilevel: bi-level optimization in PyTorch.
 
 Declare the lower problem (:class:`LowerProblem`: objective, constraint set, solver), pick a
 hypergradient strategy (:class:`Implicit`, :class:`Unrolled`, :class:`Linearized`, :class:`FirstOrder`),
-and call :func:`solve`: the returned :math:`y^\star(x)` carries the strategy's gradient, so
+optionally how it takes second-order products (:class:`Exact`, :class:`CentralDifference`,
+:class:`ForwardDifference`), and call :func:`solve`: the returned :math:`y^\star(x)` carries the
+strategy's gradient, so
 ``f(x, y).backward()`` and any ``torch.optim`` optimizer do the rest.
 """
 
@@ -15,6 +17,7 @@ from .constraints import Box, Constraint, Intersection, LInfBall
 from .hypergrad import FirstOrder, Implicit, Linearized, Strategy, Unrolled
 from .linalg import CG, DenseSolve, LinearSolveInfo, LinearSolver, Neumann
 from .problem import LowerProblem
+from .products import CentralDifference, Exact, ForwardDifference, Products
 from .solvers import ClosedForm, GradientDescent, ProjectedGradient, SignedProjectedGradient, Solver
 
 __version__ = "0.1.0"
@@ -24,6 +27,7 @@ __all__ = [
     "FirstOrder", "Implicit", "Linearized", "Strategy", "Unrolled",
     "CG", "DenseSolve", "LinearSolveInfo", "LinearSolver", "Neumann",
     "LowerProblem",
+    "CentralDifference", "Exact", "ForwardDifference", "Products",
     "solve", "value_and_hypergrad",
     "ClosedForm", "GradientDescent", "ProjectedGradient", "SignedProjectedGradient", "Solver",
 ]

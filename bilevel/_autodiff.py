@@ -21,7 +21,7 @@ from ._tree import Tree, from_vector, is_functorch_mode, leaves, to_vector, tree
 
 Objective = Callable[[Tree, Tree], torch.Tensor]
 
-__all__ = ["value_and_grad_y", "Linearization", "detach_tree"]
+__all__ = ["value_and_grad_y", "gradients", "SecondOrderProducts", "ExactProducts", "detach_tree", "zeros_for_none"]
 
 
 def detach_tree(tree: Tree) -> Tree:
@@ -34,7 +34,7 @@ def _check_scalar(value: torch.Tensor) -> None:
         raise ValueError(f"bilevel: the lower objective g(x, y) must return a scalar tensor, got {shape}")
 
 
-def _zeros_for_none(grads: Sequence[torch.Tensor | None], like: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+def zeros_for_none(grads: Sequence[torch.Tensor | None], like: Sequence[torch.Tensor]) -> List[torch.Tensor]:
     return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, like)]
 
 
@@ -66,20 +66,75 @@ def value_and_grad_y(objective: Objective, x: Tree, y: Tree, *, create_graph: bo
         value = objective(x_in, unflatten(ys, y_spec))
         _check_scalar(value)
         grads = torch.autograd.grad(value, ys, create_graph=create_graph, allow_unused=True)
-    grads = _zeros_for_none(grads, ys)
+    grads = zeros_for_none(grads, ys)
     if not create_graph:
         value, grads = value.detach(), [g.detach() for g in grads]
     return value, unflatten(grads, y_spec)
 
 
-class Linearization:
-    r"""Second-order information of :math:`g` at a point :math:`(x, y)`, on flat vectors.
+def gradients(objective: Objective, x_flat: Sequence[torch.Tensor], x_spec, y_flat: Sequence[torch.Tensor], y_spec,
+              *, wrt_x: bool, wrt_y: bool) -> Tuple[List[torch.Tensor] | None, List[torch.Tensor] | None]:
+    r"""First-order :math:`(\nabla_x g, \nabla_y g)` at :math:`(x, y)` without a graph, as lists of leaves.
+
+    Only the requested ones are computed (``None`` for the other); both come from one backward pass.
+    Leaves that ``g`` does not use get zeros. Under a ``torch.func`` transform ``torch.func.grad`` is used.
+    """
+    argnums = tuple(i for i, w in ((0, wrt_x), (1, wrt_y)) if w)
+    if not argnums:
+        raise ValueError("gradients: ask for at least one of wrt_x, wrt_y")
+    if is_functorch_mode(list(x_flat) + list(y_flat)):
+        def g_flat(xs: List[torch.Tensor], ys: List[torch.Tensor]) -> torch.Tensor:
+            value = objective(unflatten(xs, x_spec), unflatten(ys, y_spec))
+            _check_scalar(value)
+            return value
+
+        # not detached: under nested transforms (jacrev of grad) the result stays differentiable in x
+        out = torch.func.grad(g_flat, argnums=argnums)(list(x_flat), list(y_flat))
+        got = dict(zip(argnums, out))
+        return got.get(0), got.get(1)
+    with torch.enable_grad():
+        xs = [t.detach().requires_grad_(wrt_x) for t in x_flat]
+        ys = [t.detach().requires_grad_(wrt_y) for t in y_flat]
+        value = objective(unflatten(xs, x_spec), unflatten(ys, y_spec))
+        _check_scalar(value)
+        wrt = (xs if wrt_x else []) + (ys if wrt_y else [])
+        grads = zeros_for_none(torch.autograd.grad(value, wrt, allow_unused=True), wrt)
+    n = len(xs) if wrt_x else 0
+    return (grads[:n] if wrt_x else None), (grads[n:] if wrt_y else None)
+
+
+class SecondOrderProducts:
+    r"""Second-order products of :math:`g` at a point :math:`(x, y)`, on flat vectors (the interface).
 
     * :meth:`hvp` (:math:`v \mapsto \nabla^2_{yy} g\, v`),
     * :meth:`hvp_batched` (the same for the rows of a matrix, e.g. to materialize the Hessian),
     * :meth:`cross` (:math:`u \mapsto \nabla^2_{xy} g\, u`, returned as a list shaped like ``x``'s leaves).
 
-    The gradient graph is built once and reused by every product (see the module docstring).
+    :class:`ExactProducts` takes them by double backward, :class:`bilevel.differences.DifferenceProducts`
+    by differences of first-order gradients; :class:`bilevel.Exact`, :class:`bilevel.CentralDifference`
+    and :class:`bilevel.ForwardDifference` build them.
+    """
+
+    y_like: List[torch.Tensor]
+
+    def _split_y(self, v: torch.Tensor) -> List[torch.Tensor]:
+        return from_vector(v, self.y_like)
+
+    def hvp(self, v: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def hvp_batched(self, V: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def cross(self, u: torch.Tensor) -> List[torch.Tensor]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class ExactProducts(SecondOrderProducts):
+    r"""The second-order products of :math:`g` at :math:`(x, y)` by double backward (exact up to rounding).
+
+    The gradient graph of :math:`\nabla_y g` is built once and reused by every product (see the module
+    docstring); under ``torch.func`` transforms the products are ``torch.func.vjp`` of ``torch.func.grad``.
     """
 
     def __init__(self, objective: Objective, x_flat: Sequence[torch.Tensor], x_spec, y_flat: Sequence[torch.Tensor],
@@ -107,9 +162,6 @@ class Linearization:
         # fast path of the common case: one lower variable whose gradient has a graph
         self._single = len(self._ys) == 1 and self._gy_index == [0]
 
-    def _split_y(self, v: torch.Tensor) -> List[torch.Tensor]:
-        return from_vector(v, self.y_like)
-
     def _autograd_vjp(self, v: torch.Tensor, wrt: List[torch.Tensor], batched: bool = False) -> List[torch.Tensor]:
         if batched:
             parts = [v[:, self._offsets[i] : self._offsets[i] + self.y_like[i].numel()].reshape(
@@ -130,7 +182,7 @@ class Linearization:
             y = self._ys[0]
             return torch.autograd.grad(self._gy[0], y, v.view_as(y), retain_graph=True)[0].reshape(-1)
         grads = self._autograd_vjp(v, self._ys)
-        return to_vector(_zeros_for_none(grads, self.y_like))
+        return to_vector(zeros_for_none(grads, self.y_like))
 
     def hvp_batched(self, V: torch.Tensor) -> torch.Tensor:
         r"""Rows of :math:`V (\nabla^2_{yy} g)` for a matrix ``V`` of shape (k, n) (the Hessian is symmetric)."""
@@ -147,4 +199,4 @@ class Linearization:
         if self.functorch:
             return list(leaves(self._vjp_x(self._split_y(u))[0])[0])
         grads = self._autograd_vjp(u, self._xs)
-        return _zeros_for_none(grads, self.x_like)
+        return zeros_for_none(grads, self.x_like)

@@ -8,10 +8,10 @@ from typing import Any, List, Optional, Tuple
 
 import torch
 
-from .._autodiff import Linearization
 from .._tree import Tree, is_functorch_mode, leaves, leaves_like, to_vector, unflatten
 from ..linalg import CG, LinearSolveInfo, LinearSolver
 from ..problem import LowerProblem
+from ..products import Exact, Products, check_products
 from .base import Strategy
 
 __all__ = ["Implicit"]
@@ -33,9 +33,10 @@ class Implicit(Strategy):
     :math:`\bar x = -\nabla^2_{xy} g\, u`. This is the exact active-set hypergradient: active
     coordinates do not move with :math:`x` (bounds are constants), free ones follow the reduced system.
 
-    The forward pass runs ``lower.solver`` without a graph. The backward pass linearizes
-    :math:`\nabla_y g` once at :math:`(x, y^\star)` and calls ``linear_solver`` on Hessian-vector
-    products (double backward; ``torch.func.vjp`` under function transforms). Under plain autograd the
+    The forward pass runs ``lower.solver`` without a graph. The backward pass calls ``linear_solver``
+    on Hessian-vector products at :math:`(x, y^\star)`, taken as ``products`` says: by default by
+    double backward through :math:`\nabla_y g` built once (``torch.func.vjp`` under function
+    transforms), or by differences of first-order gradients. Under plain autograd the
     hypergradient is differentiable once (``create_graph=True`` through it raises); under ``torch.func``
     the backward is itself differentiable, so ``torch.func.jacrev(torch.func.grad(F))`` works.
 
@@ -44,6 +45,9 @@ class Implicit(Strategy):
         damping: :math:`\rho \ge 0`, added to the system (Tikhonov damping for ill-conditioned or
             non-convex lower problems).
         mask_tol: a coordinate is free when it is more than ``mask_tol`` inside both bounds.
+        products: how the Hessian-vector and mixed products are taken: :class:`~bilevel.Exact` (default,
+            double backward), :class:`~bilevel.CentralDifference` or :class:`~bilevel.ForwardDifference`
+            (first-order gradients only: 2 or 1 gradient evaluations per product).
 
     Attributes:
         last_info: :class:`~bilevel.LinearSolveInfo` of the latest backward pass (tensors: reading
@@ -54,6 +58,7 @@ class Implicit(Strategy):
     linear_solver: LinearSolver = field(default_factory=CG)
     damping: float = 0.0
     mask_tol: float = 0.0
+    products: Products = field(default_factory=Exact)
     last_info: Optional[LinearSolveInfo] = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -61,6 +66,7 @@ class Implicit(Strategy):
             raise ValueError(f"Implicit: damping must be >= 0, got {self.damping}")
         if not self.mask_tol >= 0:  # a negative tolerance would call every bounded coordinate free
             raise ValueError(f"Implicit: mask_tol must be >= 0, got {self.mask_tol}")
+        check_products("Implicit", self.products)
 
     def solve(self, lower: LowerProblem, x: Tree, init: Tree) -> Tree:
         self._solver(lower, "Implicit")
@@ -73,7 +79,7 @@ class Implicit(Strategy):
     def backward(self, lower: LowerProblem, x_flat: List[torch.Tensor], x_spec: Any, y_flat: List[torch.Tensor],
                  y_spec: Any, v_flat: List[torch.Tensor]) -> List[torch.Tensor]:
         r"""Vector-Jacobian product :math:`v \mapsto v^\top \mathrm{d}y^\star/\mathrm{d}x` at the solution."""
-        lin = Linearization(lower.objective, x_flat, x_spec, y_flat, y_spec)
+        lin = self.products.at(lower.objective, x_flat, x_spec, y_flat, y_spec)
         v = to_vector([t.to(y.dtype) for t, y in zip(v_flat, y_flat)])
         masks = lower.free_mask(y_flat, self.mask_tol, y_spec)
         rho = self.damping

@@ -16,50 +16,19 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from _logistic import D_IN, EPS, B, attack_problem, logistic_data, oracle  # noqa: E402
 
 import bilevel as bl
-
-B, D_IN, EPS = 5, 6, 0.3
-
-
-def _data():
-    theta = torch.randn(D_IN)
-    xs = torch.rand(B, D_IN)
-    ys = torch.where(torch.rand(B) > 0.5, 1.0, -1.0)
-    z = (torch.rand(B, D_IN) * 2 - 1) * 0.1
-    return theta, xs, ys, z
-
-
-def _attack_problem(xs, ys, solver=None):
-    def l_atk(theta, delta):
-        return -F.softplus(-ys * ((xs + delta) @ theta)).sum()
-
-    constraint = bl.LInfBall(0.0, EPS) & bl.Box(-xs, 1 - xs)
-    return bl.LowerProblem(l_atk, constraint=constraint, solver=solver)
-
-
-def _oracle(theta, xs, ys, z, step, inv_lam, sign=False):
-    s = torch.sigmoid(-ys * ((xs + z) @ theta))  # (B,)
-    grad = s[:, None] * ys[:, None] * theta  # grad_delta l_atk at z
-    u = z - step * (grad.sign() if sign else grad)
-    lo, hi = torch.maximum(torch.full_like(xs, -EPS), -xs), torch.minimum(torch.full_like(xs, EPS), 1 - xs)
-    delta = torch.minimum(torch.maximum(u, lo), hi)
-    free = (u > lo) & (u < hi)
-    eye = torch.eye(D_IN)
-    outer = theta[None, :, None] * (xs + z)[:, None, :]  # theta (x_i + z_i)'
-    inner = s[:, None, None] * ys[:, None, None] * eye - (s * (1 - s))[:, None, None] * outer
-    J = -inv_lam * free[:, :, None].to(theta.dtype) * inner
-    return delta, J, free
 
 
 @pytest.mark.parametrize("step,lam", [(0.5, None), (0.5, 10.0), (2.0, 2.0), (0.25, 0.8)],
                          ids=["lam=1/step", "decoupled-lam10", "lam=step", "decoupled-lam0.8"])
 def test_linearized_logistic_value_and_jacobian(step, lam):
-    theta, xs, ys, z = _data()
-    lower = _attack_problem(xs, ys)
+    theta, xs, ys, z = logistic_data()
+    lower = attack_problem(xs, ys)
     strategy = bl.Linearized(step=step, lam=lam)
     inv_lam = step if lam is None else 1.0 / lam
-    delta_o, J_o, free = _oracle(theta, xs, ys, z, step, inv_lam)
+    delta_o, J_o, free = oracle(theta, xs, ys, z, step, inv_lam)
     assert free.any() and (~free).any(), "the instance must have free and clipped coordinates"
     delta = bl.solve(lower, theta, z, strategy)
     assert torch.allclose(delta, delta_o, rtol=0, atol=1e-14)
@@ -77,11 +46,11 @@ def test_linearized_logistic_value_and_jacobian(step, lam):
 
 
 def test_linearized_no_implicit_term_and_sign():
-    theta, xs, ys, z = _data()
-    lower = _attack_problem(xs, ys)
+    theta, xs, ys, z = logistic_data()
+    lower = attack_problem(xs, ys)
     for strategy, step, sign in [(bl.Linearized(step=0.5, lam=math.inf), 0.5, False),
                                  (bl.Linearized(step=0.4, sign=True), 0.4, True)]:
-        delta_o, _, free = _oracle(theta, xs, ys, z, step, 0.0, sign=sign)
+        delta_o, _, free = oracle(theta, xs, ys, z, step, 0.0, sign=sign)
         th = theta.clone().requires_grad_()
         delta = bl.solve(lower, th, z, strategy)
         assert torch.allclose(delta, delta_o, rtol=0, atol=1e-14)
@@ -100,9 +69,9 @@ def test_linearized_ig_scale():
 
 def test_linearized_equals_autograd_through_one_projected_step_when_lam_is_none():
     """lam = 1/step: the derivative is plain autograd through Proj(z - step grad g(x, z)) (z detached)."""
-    theta, xs, ys, z = _data()
+    theta, xs, ys, z = logistic_data()
     step = 0.5
-    lower = _attack_problem(xs, ys, solver=bl.ProjectedGradient(step, 1))
+    lower = attack_problem(xs, ys, solver=bl.ProjectedGradient(step, 1))
     J_lin = torch.autograd.functional.jacobian(lambda th: bl.solve(lower, th, z, bl.Linearized(step)), theta)
     J_unr = torch.autograd.functional.jacobian(lambda th: bl.solve(lower, th, z, bl.Unrolled()), theta)
     assert torch.allclose(J_lin, J_unr, rtol=0, atol=1e-14)
@@ -112,7 +81,7 @@ def test_linearized_equals_autograd_through_one_projected_step_when_lam_is_none(
 def test_danskin_robust_logistic(solver):
     r"""max_{||delta||_inf <= eps} log(1 + exp(-y theta'(x + delta))) = log(1 + exp(-y theta'x + eps ||theta||_1)),
     attained at delta = -eps y sign(theta); by Danskin its gradient is sigma(-m)(-y x + eps sign theta)."""
-    theta, xs, ys, _ = _data()
+    theta, xs, ys, _ = logistic_data()
     eps = 0.2
 
     def l_atk(th, delta):
@@ -139,10 +108,10 @@ def test_danskin_robust_logistic(solver):
 
 
 def test_linearized_mask_tol_drops_coordinates_near_the_bounds():
-    theta, xs, ys, z = _data()
-    lower = _attack_problem(xs, ys)
+    theta, xs, ys, z = logistic_data()
+    lower = attack_problem(xs, ys)
     step, tol = 0.5, 0.05
-    delta_o, J_o, free = _oracle(theta, xs, ys, z, step, step)
+    delta_o, J_o, free = oracle(theta, xs, ys, z, step, step)
     lo, hi = torch.maximum(torch.full_like(xs, -EPS), -xs), torch.minimum(torch.full_like(xs, EPS), 1 - xs)
     strict = (delta_o > lo + tol) & (delta_o < hi - tol)
     assert (free & ~strict).any(), "the instance must have free coordinates within tol of a bound"

@@ -64,6 +64,9 @@ def test_strategies_page_errors(single_thread: None) -> None:
     # The page states that 20-term Neumann and 20-step truncated unrolling agree once converged.
     assert abs(errors["Implicit(Neumann(steps=20))"] - errors["Unrolled(truncate=20)"]) < 1e-10
     assert 0.1 < errors["Linearized(step=eta)"] < 0.6
+    # differences of the gradients of a quadratic: rounding only, central about eps^(2/3), forward eps^(1/2)
+    assert errors["Implicit(CG(maxiter=10), CentralDifference())"] < 1e-10
+    assert 1e-10 < errors["Implicit(CG(maxiter=10), ForwardDifference())"] < 1e-6
 
 
 def test_constraints_page_active_set_closed_form(single_thread: None) -> None:
