@@ -41,7 +41,7 @@ class Solver:
         return y
 
 
-def _check_steps(name: str, steps: int, step_size: float) -> None:
+def check_steps(name: str, steps: int, step_size: float) -> None:
     if int(steps) != steps or steps < 0:
         raise ValueError(f"{name}: steps must be a non-negative integer, got {steps}")
     if not step_size > 0:
@@ -56,7 +56,7 @@ class GradientDescent(Solver):
     steps: int
 
     def __post_init__(self) -> None:
-        _check_steps(type(self).__name__, self.steps, self.step_size)
+        check_steps(type(self).__name__, self.steps, self.step_size)
 
     def _direction(self, grad: torch.Tensor) -> torch.Tensor:
         return grad

@@ -14,7 +14,7 @@ from ..linalg import CG, LinearSolveInfo, LinearSolver
 from ..problem import LowerProblem
 from .base import Strategy
 
-__all__ = ["Implicit"]
+__all__ = ["Implicit", "implicit_solution"]
 
 
 @dataclass(eq=False)
@@ -44,17 +44,27 @@ class Implicit(Strategy):
         damping: :math:`\rho \ge 0`, added to the system (Tikhonov damping for ill-conditioned or
             non-convex lower problems).
         mask_tol: a coordinate is free when it is more than ``mask_tol`` inside both bounds.
+        warm_start: start each linear solve from the previous backward pass's solution :math:`u`
+            (AmIGO's warm start; across outer steps :math:`u` changes little, so fewer iterations suffice).
+        residual: a :class:`~bilevel.ResidualCheck`: after each forward solve, the lower optimality
+            residual is stored in ``last_residual`` (and checked against its tolerance, if it has one).
 
     Attributes:
         last_info: :class:`~bilevel.LinearSolveInfo` of the latest backward pass (tensors: reading
             them synchronizes, so do it outside hot loops). It is state on the strategy object: use one
             object per thread, and under ``vmap`` it holds the last batch's unbatched values.
+        last_residual: the lower residual of the latest forward solve (a 0-d tensor), with ``residual``.
+        last_solution: the latest linear-system solution (flat), with ``warm_start``.
     """
 
     linear_solver: LinearSolver = field(default_factory=CG)
     damping: float = 0.0
     mask_tol: float = 0.0
+    warm_start: bool = False
+    residual: Optional[Any] = None
     last_info: Optional[LinearSolveInfo] = field(default=None, init=False, repr=False)
+    last_residual: Optional[torch.Tensor] = field(default=None, init=False, repr=False)
+    last_solution: Optional[torch.Tensor] = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.damping < 0:
@@ -62,11 +72,7 @@ class Implicit(Strategy):
 
     def solve(self, lower: LowerProblem, x: Tree, init: Tree) -> Tree:
         self._solver(lower, "Implicit")
-        x_flat, x_spec = leaves(x)
-        init_flat, y_spec = leaves(init)
-        meta = (self, lower, x_spec, y_spec, len(x_flat))
-        y_flat = _ImplicitSolution.apply(meta, *x_flat, *init_flat)
-        return unflatten(list(y_flat), y_spec)
+        return implicit_solution(self, lower, x, init)
 
     def backward(self, lower: LowerProblem, x_flat: List[torch.Tensor], x_spec: Any, y_flat: List[torch.Tensor],
                  y_spec: Any, v_flat: List[torch.Tensor]) -> List[torch.Tensor]:
@@ -96,11 +102,28 @@ class Implicit(Strategy):
                 return torch.addcmul(d * lin.hvp_batched(d * P), diag, P)
 
             b = d * v
-        u, info = self.linear_solver(matvec, b, matmat)
+        warm = self.last_solution if self.warm_start and self.last_solution is not None else None
+        u, info = self.linear_solver(matvec, b, matmat, **({} if warm is None or warm.shape != b.shape else {"x0": warm}))
         if masks is not None:
             u = d * u
+        if self.warm_start:
+            self.last_solution = u.detach()
         self.last_info = info
         return [-t for t in lin.cross(u)]
+
+
+def implicit_solution(strategy: Any, lower: LowerProblem, x: Tree, init: Tree) -> Tree:
+    r"""``lower.solver``'s solution from ``init``, whose backward pass is ``strategy.backward`` (a vector-Jacobian product).
+
+    The autograd rule shared by :class:`Implicit` and the stochastic implicit strategies: the forward pass
+    runs the solver without a graph (and ``strategy.residual``, if set); the backward pass calls
+    ``strategy.backward(lower, x_flat, x_spec, y_flat, y_spec, v_flat)``.
+    """
+    x_flat, x_spec = leaves(x)
+    init_flat, y_spec = leaves(init)
+    meta = (strategy, lower, x_spec, y_spec, len(x_flat))
+    y_flat = _ImplicitSolution.apply(meta, *x_flat, *init_flat)
+    return unflatten(list(y_flat), y_spec)
 
 
 class _ImplicitSolution(torch.autograd.Function):
@@ -116,6 +139,8 @@ class _ImplicitSolution(torch.autograd.Function):
         y = lower.solver.run(lower, x, init, differentiable_steps=0)
         # the output is unflattened with init's structure: put the solver's leaves in that order
         y_flat = leaves_like(y, y_spec, "lower solution returned by the solver (compared with init)")
+        if strategy.residual is not None:
+            strategy.last_residual = strategy.residual(lower, x, unflatten(y_flat, y_spec))
         return tuple(t.detach() for t in y_flat)
 
     @staticmethod
