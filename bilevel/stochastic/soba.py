@@ -64,7 +64,7 @@ class SOBA(SingleLoop):
         gb, fb = self.draw()
         masks = self.free_mask(y_flat, y_spec)
         vm = v if masks is None else [m * a for m, a in zip(masks, v)]
-        _, _, gy = partials(self.lower.objective, xs, x_spec, ys, y_spec, gb, create_graph=True)
+        _, _, gy = partials(self.lower.objective, xs, x_spec, ys, y_spec, gb, create_graph=True, wrt_x=False)
         live = [i for i, a in enumerate(gy) if a.requires_grad]
         with torch.enable_grad():
             second = torch.autograd.grad([gy[i] for i in live], [*xs, *ys], [vm[i] for i in live], allow_unused=True)
