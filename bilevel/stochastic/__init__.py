@@ -12,6 +12,7 @@ independent batch every quantity uses. See the documentation page "Stochastic bi
 """
 
 from .amigo import AmIGO
+from .base import StochasticImplicit
 from .batches import IterableBatches, RandomBatches, as_batches
 from .bome import BOME
 from .f2sa import F2SA
@@ -21,5 +22,5 @@ from .state import StochasticState
 from .stocbio import StocBiO
 from .system import BatchSystem
 
-__all__ = ["AmIGO", "StocBiO", "SOBA", "F2SA", "BOME", "SingleLoop", "BatchSystem", "StochasticState",
+__all__ = ["AmIGO", "StocBiO", "SOBA", "F2SA", "BOME", "SingleLoop", "StochasticImplicit", "BatchSystem", "StochasticState",
            "RandomBatches", "IterableBatches", "as_batches"]
