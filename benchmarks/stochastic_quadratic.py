@@ -155,12 +155,13 @@ def metrics(P: SimpleNamespace, x: torch.Tensor) -> Dict[str, float]:
 # The methods: each builder returns (x, one_iteration) for the budget loop
 # ----------------------------------------------------------------------------------------------------------
 # Step sizes: tuned by hand once on this problem (a short grid, float32), then fixed.
-# (SOBA: rho = gamma in {0.1, 0.3, 0.5}; AmIGO / StocBiO: x step 1.0 or 0.3, inner and system steps 0.3 or 0.1;
-# F2SA: lam0 in {10, 100}; BOME: xi in {0.03, 0.1, 0.3}; Implicit(CG): 100 lower steps and CG(20) or 50 and CG(10).)
+# (SOBA: rho, gamma in {0.05, 0.1, 0.3, 0.5}; AmIGO / StocBiO: x step in {1.0, 0.3, 0.1, 0.05}, inner and system
+# steps 0.3 or 0.1; F2SA: lam0 in {10, 100}; BOME: xi in {0.03, 0.1, 0.3}; Implicit(CG): 100 lower steps and CG(20)
+# or 50 and CG(10).)
 STEPS = {
-    "SOBA": {"rho": 0.1, "gamma": 0.1},
-    "AmIGO": {"inner_lr": 0.1, "inner_steps": 10, "v_lr": 0.1, "v_steps": 10, "gamma": 0.3},
-    "StocBiO": {"inner_lr": 0.1, "inner_steps": 10, "v_lr": 0.1, "v_steps": 10, "gamma": 0.3},
+    "SOBA": {"rho": 0.1, "gamma": 0.05},
+    "AmIGO": {"inner_lr": 0.3, "inner_steps": 10, "v_lr": 0.3, "v_steps": 10, "gamma": 0.1},
+    "StocBiO": {"inner_lr": 0.3, "inner_steps": 10, "v_lr": 0.3, "v_steps": 10, "gamma": 0.1},
     "F2SA": {"rho": 0.1, "gamma": 0.1, "lam": 100.0, "lam_growth": 0.01},
     "BOME": {"alpha": 0.5, "xi": 0.03, "inner_steps": 10, "eta": 0.5},
     "Implicit(CG)": {"lower_step": 1.0, "lower_steps": 50, "cg": 10, "gamma": 1.0},

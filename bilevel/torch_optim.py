@@ -41,7 +41,7 @@ class TorchOptim(Solver):
 
     def __init__(self, optimizer: Callable[..., torch.optim.Optimizer], steps: int, *,
                  batches: Optional[BatchSource] = None, **options: Any) -> None:
-        check_steps("TorchOptim", steps, 1.0)
+        check_steps("TorchOptim", steps)
         if not callable(optimizer):
             raise TypeError(f"TorchOptim: optimizer must be a torch.optim.Optimizer class or factory, got {optimizer!r}")
         self.optimizer, self.steps, self.options = optimizer, int(steps), options

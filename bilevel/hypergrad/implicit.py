@@ -46,6 +46,7 @@ class Implicit(Strategy):
         mask_tol: a coordinate is free when it is more than ``mask_tol`` inside both bounds.
         warm_start: start each linear solve from the previous backward pass's solution :math:`u`
             (AmIGO's warm start; across outer steps :math:`u` changes little, so fewer iterations suffice).
+            State on the object: not for use under ``torch.func`` transforms.
         residual: a :class:`~bilevel.ResidualCheck`: after each forward solve, the lower optimality
             residual is stored in ``last_residual`` (and checked against its tolerance, if it has one).
 

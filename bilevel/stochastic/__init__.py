@@ -15,7 +15,7 @@ from .amigo import AmIGO
 from .base import StochasticImplicit
 from .batches import IterableBatches, RandomBatches, as_batches
 from .bome import BOME
-from .f2sa import F2SA
+from .f2sa import F2SA, benchopt_lam_growth
 from .single_loop import SingleLoop
 from .soba import SOBA
 from .state import StochasticState
@@ -23,4 +23,4 @@ from .stocbio import StocBiO
 from .system import BatchSystem
 
 __all__ = ["AmIGO", "StocBiO", "SOBA", "F2SA", "BOME", "SingleLoop", "StochasticImplicit", "BatchSystem", "StochasticState",
-           "RandomBatches", "IterableBatches", "as_batches"]
+           "RandomBatches", "IterableBatches", "as_batches", "benchopt_lam_growth"]

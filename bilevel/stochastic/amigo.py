@@ -3,7 +3,7 @@ r"""AmIGO (Arbel & Mairal, ICLR 2022): warm-started stochastic solves of the low
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 
@@ -43,13 +43,20 @@ class AmIGO(StochasticImplicit):
 
     Attributes:
         last_solution: :math:`u` of the latest backward pass (the warm start; ``None`` starts at 0). It is the
-            state to save in a checkpoint.
+            state to save in a checkpoint (:meth:`state_dict`).
         last_info: :class:`~bilevel.LinearSolveInfo` with :math:`\|A_{B_K} u_{K-1} - D\bar y\|` (the last
             stochastic gradient of the quadratic).
         last_residual: the lower residual, with ``residual``.
     """
 
     last_solution: Optional[torch.Tensor] = field(default=None, init=False, repr=False)
+
+    def state_dict(self) -> Dict[str, Optional[torch.Tensor]]:
+        """The warm start :math:`u`, for checkpoints."""
+        return {"last_solution": self.last_solution}
+
+    def load_state_dict(self, state: Dict[str, Optional[torch.Tensor]]) -> None:
+        self.last_solution = state["last_solution"]
 
     def solve_system(self, system: BatchSystem, b: torch.Tensor) -> torch.Tensor:
         u = self.last_solution

@@ -35,7 +35,8 @@ class IterableBatches:
         try:
             return next(self._it)
         except StopIteration:
-            raise ValueError("IterableBatches: the batch source is empty") from None
+            raise ValueError("IterableBatches: the batch source is empty (or a one-shot iterator that is exhausted; "
+                             "pass a re-iterable such as a DataLoader or a list, or a callable)") from None
 
 
 class RandomBatches:

@@ -9,7 +9,12 @@ from .._tree import Tree, leaves, leaves_like, unflatten
 from .single_loop import SingleLoop, partials, requires_grad
 from .state import StochasticState
 
-__all__ = ["F2SA"]
+__all__ = ["F2SA", "benchopt_lam_growth"]
+
+
+def benchopt_lam_growth(t: int) -> float:
+    r"""benchopt's penalty schedule: :math:`\lambda_{t+1} = \lambda_t + 0.01 / (t + 1)^{1/7}`."""
+    return 0.01 / (t + 1) ** (1 / 7)
 
 
 @dataclass(eq=False)
@@ -37,12 +42,12 @@ class F2SA(SingleLoop):
     Args:
         lower, upper, step_size, lower_batches, upper_batches, mask_tol: see :class:`SingleLoop`.
         lam: the initial penalty :math:`\lambda_0`.
-        lam_growth: :math:`\delta_t` as a function of the step count ``t`` (default: benchopt's
-            :math:`0.01 / (t+1)^{1/7}`); ``None`` keeps :math:`\lambda` fixed.
+        lam_growth: :math:`\delta_t` as a function of the step count ``t`` (default:
+            :func:`benchopt_lam_growth`, :math:`0.01 / (t+1)^{1/7}`); ``None`` keeps :math:`\lambda` fixed.
     """
 
     lam: float = 1.0
-    lam_growth: Optional[Callable[[int], float]] = lambda t: 0.01 / (t + 1) ** (1 / 7)
+    lam_growth: Optional[Callable[[int], float]] = benchopt_lam_growth
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -93,6 +93,7 @@ class SingleLoop:
 
     # helpers shared by the methods
     def rate(self, step_size: StepSize, t: int) -> float:
+        """The step size at step count ``t`` (a number, or a schedule evaluated at ``t``)."""
         return step_size(t) if callable(step_size) else step_size
 
     def draw(self) -> Tuple[Tuple[Any, ...], Tuple[Any, ...]]:
@@ -101,11 +102,13 @@ class SingleLoop:
         return (() if lb is None else (lb(),)), (() if ub is None else (ub(),))
 
     def project(self, ys: List[torch.Tensor], spec: Any) -> List[torch.Tensor]:
+        r""":math:`\mathrm{Proj}_C` of the lower iterate's leaves (the same list when unconstrained)."""
         if self.lower.constraint is None:
             return ys
         return leaves(self.lower.project(unflatten(ys, spec)))[0]
 
     def free_mask(self, ys: List[torch.Tensor], spec: Any) -> Optional[List[torch.Tensor]]:
+        """Per-leaf 0/1 masks of the free coordinates (in the leaves' dtype), or ``None`` when unconstrained."""
         masks = self.lower.free_mask(ys, self.mask_tol, spec)
         return None if masks is None else [m.to(t.dtype) for m, t in zip(masks, ys)]
 

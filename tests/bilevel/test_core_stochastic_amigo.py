@@ -34,6 +34,20 @@ def test_warm_started_system_iterate_converges_to_the_exact_solution():
     assert float(amigo.last_info.residual_norm) < 1e-10
 
 
+def test_amigo_state_dict_restores_the_warm_start():
+    P = stochastic_quadratic()
+    x, w = torch.randn(3), torch.randn(6)
+    y = P.y_star(x)
+    amigo = bl.AmIGO(_full_batch, steps=2, step_size=0.5)
+    for _ in range(3):
+        _backward(P, amigo, x, y, w)
+    resumed = bl.AmIGO(_full_batch, steps=2, step_size=0.5)
+    resumed.load_state_dict(amigo.state_dict())
+    assert torch.equal(_backward(P, resumed, x, y, w), _backward(P, amigo, x, y, w))
+    fresh = bl.AmIGO(_full_batch, steps=2, step_size=0.5)
+    assert not torch.allclose(_backward(P, fresh, x, y, w), _backward(P, amigo, x, y, w))
+
+
 def test_amigo_steps_and_hypergradient_are_unbiased():
     """From a fixed warm start u0, E[u_K] is the full-batch K-step iterate and E[grad] = -C' E[u_K] (independent batches)."""
     P = stochastic_quadratic()
