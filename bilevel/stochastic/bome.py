@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .._tree import Tree, leaves, to_vector, unflatten
+from .._tree import Tree, leaves, unflatten
 from .single_loop import SingleLoop, partials, requires_grad
 from .state import StochasticState
 
@@ -65,17 +65,16 @@ class BOME(SingleLoop):
         g = self.lower.objective
         x_const = [a.detach() for a in x_flat]
         theta = [a.detach() for a in y_flat]
-        for _ in range(self.inner_steps):
-            _, _, d = partials(g, x_const, x_spec, requires_grad(theta), y_spec, gb, wrt_x=False)
-            theta = self.project([a - alpha * b for a, b in zip(theta, d)], y_spec)
-        _, gx_theta, _ = partials(g, xs, x_spec, requires_grad(theta), y_spec, gb)
+        for _ in range(self.inner_steps):  # theta's leaves are fresh tensors without a graph: mark them in place
+            _, _, d = partials(g, x_const, x_spec, [a.requires_grad_() for a in theta], y_spec, gb, wrt_x=False)
+            theta = self.project([(a - alpha * b).detach() for a, b in zip(theta, d)], y_spec)
+        _, gx_theta, _ = partials(g, xs, x_spec, theta, y_spec, gb, wrt_y=False)
         _, gx, gy = partials(g, xs, x_spec, ys, y_spec, gb)
         _, fx, fy = partials(self.upper, xs, x_spec, ys, y_spec, fb)
         qx = [a - b for a, b in zip(gx, gx_theta)]
-        q = to_vector([*qx, *gy])
-        grad_f = to_vector([*fx, *fy])
-        nq = torch.dot(q, q)
-        lam = torch.clamp_min((self.eta * nq - torch.dot(grad_f, q)) / nq.clamp_min(torch.finfo(nq.dtype).tiny), 0.0)
+        nq = sum(torch.dot(a.reshape(-1), a.reshape(-1)) for a in [*qx, *gy])
+        fq = sum(torch.dot(a.reshape(-1), b.reshape(-1)) for a, b in zip([*fx, *fy], [*qx, *gy]))
+        lam = torch.clamp_min((self.eta * nq - fq) / nq.clamp_min(torch.finfo(nq.dtype).tiny), 0.0)
         state.y = unflatten(self.project([(a - xi * (b + lam * c)).detach() for a, b, c in zip(y_flat, fy, gy)], y_spec),
                             y_spec)
         state.step = t + 1

@@ -32,13 +32,13 @@ StepSize = Union[float, Callable[[int], float]]
 
 
 def partials(fn: Callable[..., torch.Tensor], xs: Sequence[torch.Tensor], x_spec: Any, ys: Sequence[torch.Tensor],
-             y_spec: Any, batch: Tuple[Any, ...], *, create_graph: bool = False, wrt_x: bool = True
+             y_spec: Any, batch: Tuple[Any, ...], *, create_graph: bool = False, wrt_x: bool = True, wrt_y: bool = True
              ) -> Tuple[torch.Tensor, List[torch.Tensor], List[torch.Tensor]]:
-    r"""``fn(x, y, *batch)`` and its gradients in ``xs`` (empty unless ``wrt_x``) and ``ys``, in one backward.
+    r"""``fn(x, y, *batch)`` and its gradients in ``xs`` and ``ys`` (each list empty unless asked for), in one backward.
 
     Unused inputs get zero gradients. The differentiated inputs must require grad (or carry a graph to them).
     """
-    wrt = [*xs, *ys] if wrt_x else list(ys)
+    wrt = [*(xs if wrt_x else ()), *(ys if wrt_y else ())]
     with torch.enable_grad():
         value = fn(unflatten(xs, x_spec), unflatten(ys, y_spec), *batch)
         if not isinstance(value, torch.Tensor) or value.ndim != 0:
