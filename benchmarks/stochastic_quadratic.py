@@ -27,7 +27,8 @@ measured against a hand-written PyTorch loop of the same algorithm (same objecti
 calls, no library, plain update of x), interleaved in one process (target: ratio <= 1.2; medians, CPU medians
 and minima over the rounds are recorded, the minimum being the least sensitive to a loaded machine), both with
 torch.optim SGD on x (as users run it) and with an in-place update of x, and against an analytic eager
-floor (the same SOBA iteration with the quadratic's derivatives written as matrix products, no autograd).
+floor (the same SOBA iteration with the quadratic's derivatives written as matrix products, no autograd),
+eager and under ``torch.compile``, and bilevel's first-order F2SA step under ``torch.compile``.
 
 Run: ``python benchmarks/stochastic_quadratic.py`` (``--tiny`` for a smoke run). Writes
 ``benchmarks/results/stochastic_quadratic_cpu.json`` and ``.png``.
@@ -373,15 +374,14 @@ def hand_bome(P, batch: int, seed: int):
     return iteration
 
 
-def analytic_soba(P, batch: int, seed: int):
-    """The SOBA iteration with the quadratic's derivatives as matrix products (no autograd): the eager floor."""
+def analytic_soba(P, batch: int, seed: int, compile: bool = False):
+    """The SOBA iteration with the quadratic's derivatives as matrix products (no autograd): the eager floor, and
+    with ``compile`` the same function under ``torch.compile``."""
     s, (inner, outer), t = STEPS["SOBA"], _samplers(P, batch, seed), P.t
     it = {"x": _x0(P).detach(), "z": _z0(P), "v": _z0(P)}
     inv = 1.0 / batch
 
-    def iteration() -> None:
-        x, z, v = it["x"], it["z"], it["v"]
-        i, j = inner(), outer()
+    def update(x, z, v, i, j):
         r, pc, qc = t.R[i], t.Pc[i], t.Qc[i]
         gz = inv * (r.T @ (r @ z) + qc.T @ (pc @ x)) + t.CM.T @ x + t.a[i].mean(0)
         hv = inv * (r.T @ (r @ v))
@@ -389,9 +389,55 @@ def analytic_soba(P, batch: int, seed: int):
         rf, sh, pk, qk = t.RF[j], t.SH[j], t.Pk[j], t.Qk[j]
         fz = inv * (rf.T @ (rf @ z) + qk.T @ (pk @ x)) + t.KM.T @ x + t.fv[j].mean(0)
         fx = inv * (sh.T @ (sh @ x) + pk.T @ (qk @ z)) + t.KM @ z + t.hv[j].mean(0)
-        it["z"], it["v"], it["x"] = z - s["rho"] * gz, v - s["rho"] * (hv + fz), x - s["gamma"] * (cross + fx)
+        return x - s["gamma"] * (cross + fx), z - s["rho"] * gz, v - s["rho"] * (hv + fz)
+
+    fn = torch.compile(update) if compile else update
+
+    def iteration() -> None:
+        it["x"], it["z"], it["v"] = fn(it["x"], it["z"], it["v"], inner(), outer())
 
     return iteration
+
+
+def compiled_steps(P, batch: int, seed: int, iters: int, repeats: int) -> Dict[str, Any]:
+    """What torch.compile buys: the analytic SOBA step, and bilevel's F2SA step (first order), eager vs compiled.
+
+    bilevel's SOBA step does not compile: its Hessian-vector product is a double backward, which torch.compile's
+    AOT autograd does not support (the error is recorded)."""
+    out: Dict[str, Any] = {}
+    t0 = time.perf_counter()
+    contenders = {"analytic SOBA, eager": analytic_soba(P, batch, seed),
+                  "analytic SOBA, torch.compile": analytic_soba(P, batch, seed, compile=True)}
+    f2sa_inner, f2sa_outer = _samplers(P, batch, seed)
+    s = STEPS["F2SA"]
+    x = {"eager": _x0(P).detach(), "compiled": _x0(P).detach()}
+    for mode in ("eager", "compiled"):
+        method = bl.F2SA(bl.LowerProblem(P.g), P.f, step_size=s["rho"], lam=s["lam"], lower_batches=f2sa_inner,
+                         upper_batches=f2sa_outer)
+        state = method.init(_z0(P))
+        step = torch.compile(method.step) if mode == "compiled" else method.step
+
+        def iteration(mode=mode, step=step, state=state) -> None:
+            x[mode] = x[mode] - s["gamma"] * step(x[mode], state)
+
+        contenders[f"bilevel F2SA step, {'torch.compile' if mode == 'compiled' else 'eager'}"] = iteration
+    for fn in contenders.values():  # compile outside the timing
+        fn()
+    out["compile_s"] = time.perf_counter() - t0
+    timings = time_interleaved([(lambda f=f: [f() for _ in range(iters)]) for f in contenders.values()],
+                               repeats=repeats, warmup=2)
+    out["ms_per_iteration"] = {k: {"median_ms": 1e3 * tm["median_s"] / iters, "cpu_median_ms": 1e3 * tm["cpu_median_s"] / iters,
+                                   "min_ms": 1e3 * tm["min_s"] / iters} for k, tm in zip(contenders, timings)}
+    try:
+        soba = bl.SOBA(bl.LowerProblem(P.g), P.f, lower_batches=f2sa_inner, upper_batches=f2sa_outer)
+        torch.compile(soba.step)(_x0(P).detach(), soba.init(_z0(P)))
+        out["bilevel_soba_step_compiles"] = True
+    except Exception as exc:  # noqa: BLE001 - recorded, not hidden
+        out["bilevel_soba_step_compiles"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    for k, v in out["ms_per_iteration"].items():
+        print(f"  {k:34s} {v['median_ms']:.3f} ms (CPU {v['cpu_median_ms']:.3f}, min {v['min_ms']:.3f})", flush=True)
+    print(f"  bilevel SOBA step under torch.compile: {out['bilevel_soba_step_compiles']}", flush=True)
+    return out
 
 
 HAND = {"SOBA": hand_soba, "F2SA": hand_f2sa, "BOME": hand_bome}
@@ -464,6 +510,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     ap.add_argument("--repeats", type=int, default=40, help="rounds of the per-iteration cost comparison")
     ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (0 keeps torch's default)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile measurements")
     ap.add_argument("--out", type=Path, default=RESULTS_DIR / "stochastic_quadratic_cpu.json")
     ap.add_argument("--replot", action="store_true", help="only redraw the PNG from an existing --out JSON")
     args = ap.parse_args(argv)
@@ -499,6 +546,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     print("per-iteration cost, bilevel vs hand-written (interleaved):", flush=True)
     results["per_iteration"] = per_iteration_cost(P, batch, args.seed, iters=10 if args.tiny else 50,
                                                   repeats=3 if args.tiny else args.repeats, warmup=1 if args.tiny else 3)
+    if not args.no_compile:
+        print("torch.compile (compile time not included):", flush=True)
+        results["torch_compile"] = compiled_steps(P, batch, args.seed, iters=10 if args.tiny else 50,
+                                                  repeats=3 if args.tiny else 20)
     results["load_average_end"] = load_average()
     path = write_json(args.out, results)
     png = plot(results["runs"], args.out.with_suffix(".png"), PLOT_TITLE)

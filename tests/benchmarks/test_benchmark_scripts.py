@@ -191,7 +191,7 @@ def test_stochastic_quadratic_tiny(tmp_path):
     """Every method runs on a small instance; the deterministic Implicit(CG) run converges (its exact metric is an
     oracle), and the single-loop methods have per-iteration timings beside their hand-written loops."""
     out = tmp_path / "stoch.json"
-    _run(["benchmarks/stochastic_quadratic.py", "--tiny", "--out", str(out)])
+    _run(["benchmarks/stochastic_quadratic.py", "--tiny", "--no-compile", "--out", str(out)])
     data = json.loads(out.read_text())
     _machine_ok(data["machine"])
     assert data["tiny"] is True and data["problem"]["p"] == 20 and data["load_average_start"] is not None
