@@ -103,8 +103,10 @@ class Implicit(Strategy):
                 return torch.addcmul(d * lin.hvp_batched(d * P), diag, P)
 
             b = d * v
-        warm = self.last_solution if self.warm_start and self.last_solution is not None else None
-        u, info = self.linear_solver(matvec, b, matmat, **({} if warm is None or warm.shape != b.shape else {"x0": warm}))
+        warm = self.last_solution if self.warm_start else None
+        # x0 only when there is one: linear solvers written before warm starts keep working
+        warm_kw = {"x0": warm} if warm is not None and warm.shape == b.shape else {}
+        u, info = self.linear_solver(matvec, b, matmat, **warm_kw)
         if masks is not None:
             u = d * u
         if self.warm_start:

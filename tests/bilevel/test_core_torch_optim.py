@@ -99,3 +99,12 @@ def test_torch_optim_refuses_unrolled_and_bad_input():
     with pytest.raises(TypeError, match="batch source"):
         bl.TorchOptim(torch.optim.SGD, 5, batches=3, lr=0.1)
     assert "SGD" in repr(lower.solver) and "lr=0.1" in repr(lower.solver)
+
+
+def test_first_order_over_torch_optim_returns_the_detached_ridge_solution():
+    _, _, g, f, closed_form = _ridge()
+    lam = torch.full((5,), 0.5, requires_grad=True)
+    lower = bl.LowerProblem(g, solver=bl.TorchOptim(torch.optim.SGD, 400, lr=0.01, momentum=0.9))
+    w = bl.solve(lower, lam, torch.zeros(5), bl.FirstOrder())
+    w_ref, _ = closed_form(lam.detach())
+    assert not w.requires_grad and float((w - w_ref).norm() / w_ref.norm()) < 1e-6
