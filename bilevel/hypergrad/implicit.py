@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 
@@ -14,7 +14,7 @@ from ..problem import LowerProblem
 from ..products import Exact, Products, check_products
 from .base import Strategy
 
-__all__ = ["Implicit", "implicit_solution"]
+__all__ = ["Implicit", "implicit_solution", "masked_operator"]
 
 
 @dataclass(eq=False)
@@ -89,38 +89,35 @@ class Implicit(Strategy):
         lin = self.products.at(lower.objective, x_flat, x_spec, y_flat, y_spec)
         v = to_vector([t.to(y.dtype) for t, y in zip(v_flat, y_flat)])
         masks = lower.free_mask(y_flat, self.mask_tol, y_spec)
-        rho = self.damping
-        if masks is None and not rho:
-            matvec, matmat, b = lin.hvp, lin.hvp_batched, v
-        elif masks is None:
-            def matvec(p: torch.Tensor) -> torch.Tensor:
-                return torch.add(lin.hvp(p), p, alpha=rho)
-
-            def matmat(P: torch.Tensor) -> torch.Tensor:
-                return torch.add(lin.hvp_batched(P), P, alpha=rho)
-
-            b = v
-        else:
-            d = to_vector(masks).to(v.dtype)
-            diag = 1.0 - d + rho  # (I - D) + rho I, built once
-
-            def matvec(p: torch.Tensor) -> torch.Tensor:
-                return torch.addcmul(d * lin.hvp(d * p), diag, p)
-
-            def matmat(P: torch.Tensor) -> torch.Tensor:
-                return torch.addcmul(d * lin.hvp_batched(d * P), diag, P)
-
-            b = d * v
+        d = None if masks is None else to_vector(masks).to(v.dtype)
+        matvec = masked_operator(lin.hvp, d, self.damping)
+        matmat = masked_operator(lin.hvp_batched, d, self.damping)  # rows (k, n): the mask broadcasts
+        b = v if d is None else d * v
         warm = self.last_solution if self.warm_start else None
         # x0 only when there is one: linear solvers written before warm starts keep working
         warm_kw = {"x0": warm} if warm is not None and warm.shape == b.shape else {}
         u, info = self.linear_solver(matvec, b, matmat, **warm_kw)
-        if masks is not None:
+        if d is not None:
             u = d * u
         if self.warm_start:
             self.last_solution = u.detach()
         self.last_info = info
         return [-t for t in lin.cross(u)]
+
+
+def masked_operator(product: Callable[[torch.Tensor], torch.Tensor], mask: Optional[torch.Tensor],
+                    damping: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    r"""The implicit system's operator :math:`p \mapsto D\,A(Dp) + ((I - D) + \rho I)\,p` from :math:`p \mapsto Ap`.
+
+    ``mask`` is the flat 0/1 vector :math:`D` of free coordinates (``None``: unconstrained, :math:`D = I`),
+    ``damping`` is :math:`\rho`. The result is symmetric positive definite when :math:`A` is on the free
+    coordinates, and acts as the identity (plus damping) on the active ones. ``product`` may act on rows of a
+    matrix (shape (k, n)); the mask broadcasts.
+    """
+    if mask is None:
+        return product if not damping else (lambda p: torch.add(product(p), p, alpha=damping))
+    diag = 1.0 - mask + damping  # (I - D) + rho I, built once
+    return lambda p: torch.addcmul(mask * product(mask * p), diag, p)
 
 
 def implicit_solution(strategy: Any, lower: LowerProblem, x: Tree, init: Tree) -> Tree:

@@ -18,6 +18,7 @@ import torch
 
 from .._autodiff import ExactProducts
 from .._tree import to_vector
+from ..hypergrad.implicit import masked_operator
 from ..problem import LowerProblem
 
 __all__ = ["BatchSystem"]
@@ -33,7 +34,6 @@ class BatchSystem:
         masks = lower.free_mask(self.y_flat, mask_tol, y_spec)
         like = to_vector([t.detach() for t in self.y_flat])
         self.mask: Optional[torch.Tensor] = None if masks is None else to_vector(masks).to(like.dtype)
-        self._diag = None if self.mask is None else 1.0 - self.mask + damping
 
     def linearization(self, batch: Any) -> ExactProducts:
         """Second-order information of :math:`g(\\cdot, \\cdot, B)` at ``(x, y*)``."""
@@ -41,10 +41,7 @@ class BatchSystem:
 
     def operator(self, batch: Any) -> Callable[[torch.Tensor], torch.Tensor]:
         r"""The matrix-vector product :math:`u \mapsto A_B u` on batch ``batch``."""
-        hvp, d, diag, rho = self.linearization(batch).hvp, self.mask, self._diag, self.rho
-        if d is None:
-            return hvp if not rho else (lambda p: torch.add(hvp(p), p, alpha=rho))
-        return lambda p: torch.addcmul(d * hvp(d * p), diag, p)
+        return masked_operator(self.linearization(batch).hvp, self.mask, self.rho)
 
     def rhs(self, v_flat: Sequence[torch.Tensor]) -> torch.Tensor:
         r""":math:`D \bar y` as a flat vector."""
