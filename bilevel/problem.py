@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Protocol, Tuple, Union, runtime_checkable
 
 import torch
 from torch.utils import _pytree as pytree
@@ -18,7 +18,21 @@ from ._autodiff import value_and_grad_y
 from ._tree import Tree, leaves, unflatten
 from .constraints import Constraint
 
-__all__ = ["LowerProblem"]
+__all__ = ["LowerProblem", "LowerSolver", "ConstraintTree"]
+
+#: ``None``, one :class:`~bilevel.Constraint`, or a dict / list / tuple of these matching the lower variable.
+ConstraintTree = Union[None, Constraint, Mapping, list, tuple]
+
+
+@runtime_checkable
+class LowerSolver(Protocol):
+    """What a lower problem's solver provides: :class:`~bilevel.Solver` subclasses and :class:`~bilevel.TorchOptim`."""
+
+    steps: int
+
+    def run(self, lower: LowerProblem, x: Tree, init: Tree, *, differentiable_steps: int = 0) -> Tree:
+        """Run the solver from ``init`` at ``x``; the last ``differentiable_steps`` steps keep an autograd graph."""
+        ...
 
 
 def _is_constraint_leaf(c: Any) -> bool:
@@ -82,8 +96,15 @@ class LowerProblem:
     """
 
     objective: Callable[..., torch.Tensor]
-    constraint: Optional[Any] = None
-    solver: Optional[Any] = None
+    constraint: ConstraintTree = None
+    solver: Optional[LowerSolver] = None
+
+    def __post_init__(self) -> None:
+        if not callable(self.objective):
+            raise TypeError(f"LowerProblem: the objective must be a function g(x, y), got {type(self.objective).__name__}")
+        if self.solver is not None and not isinstance(self.solver, LowerSolver):
+            raise TypeError(f"LowerProblem: the solver must provide steps and run(lower, x, init, differentiable_steps=...) "
+                            f"(e.g. bilevel.GradientDescent, bilevel.TorchOptim), got {self.solver!r}")
 
     def on(self, batch: Any) -> LowerProblem:
         r"""The same problem on one mini-batch: objective :math:`(x, y) \mapsto g(x, y, \text{batch})`.

@@ -130,3 +130,12 @@ def test_value_and_hypergrad_first_order_with_upper_independent_of_x_is_zero():
     value, grad = bl.value_and_hypergrad(lambda x, y: (y**2).sum(), lower, x, torch.zeros(2), bl.FirstOrder())
     torch.testing.assert_close(value, (x**2).sum())
     assert torch.equal(grad, torch.zeros(2))
+
+
+def test_lower_problem_rejects_a_solver_or_objective_of_the_wrong_kind():
+    with pytest.raises(TypeError, match="LowerProblem: the solver must provide steps and run"):
+        bl.LowerProblem(lambda x, y: (x * y).sum(), solver="gradient descent")
+    with pytest.raises(TypeError, match="LowerProblem: the solver must provide"):
+        bl.LowerProblem(lambda x, y: (x * y).sum(), solver=bl.CG())  # a linear solver is not a lower solver
+    with pytest.raises(TypeError, match="LowerProblem: the objective must be a function g\\(x, y\\), got Tensor"):
+        bl.LowerProblem(torch.zeros(3))
