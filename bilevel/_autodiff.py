@@ -25,6 +25,7 @@ __all__ = ["value_and_grad_y", "gradients", "SecondOrderProducts", "ExactProduct
 
 
 def detach_tree(tree: Tree) -> Tree:
+    """Every leaf detached from the autograd graph."""
     return tree_map(lambda t: t.detach(), tree)
 
 
@@ -35,6 +36,7 @@ def _check_scalar(value: torch.Tensor) -> None:
 
 
 def zeros_for_none(grads: Sequence[torch.Tensor | None], like: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    """``autograd.grad(..., allow_unused=True)``'s ``None`` entries replaced by zeros shaped like ``like``."""
     return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, like)]
 
 

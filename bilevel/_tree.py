@@ -66,6 +66,7 @@ def leaves_like(tree: Tree, spec: Any, what: str = "tree") -> List[torch.Tensor]
 
 
 def unflatten(flat: Sequence[torch.Tensor], spec: Any) -> Tree:
+    """The tree with structure ``spec`` (from :func:`leaves`) and leaves ``flat``; the inverse of :func:`leaves`."""
     if spec is _LEAF_SPEC:
         (leaf,) = flat
         return leaf
@@ -73,6 +74,7 @@ def unflatten(flat: Sequence[torch.Tensor], spec: Any) -> Tree:
 
 
 def tree_map(fn: Callable[..., Any], tree: Tree, *rest: Tree) -> Tree:
+    """``fn`` applied leaf by leaf to ``tree`` (and to the matching leaves of ``rest``), in the same structure."""
     if isinstance(tree, torch.Tensor) and all(isinstance(t, torch.Tensor) for t in rest):
         return fn(tree, *rest)
     return pytree.tree_map(fn, tree, *rest)

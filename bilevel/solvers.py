@@ -17,7 +17,7 @@ from ._autodiff import detach_tree
 from ._tree import Tree, tree_map
 from .problem import LowerProblem
 
-__all__ = ["Solver", "GradientDescent", "ProjectedGradient", "SignedProjectedGradient", "ClosedForm"]
+__all__ = ["Solver", "GradientDescent", "ProjectedGradient", "SignedProjectedGradient", "ClosedForm", "check_steps"]
 
 
 class Solver:

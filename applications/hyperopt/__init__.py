@@ -1,0 +1,1 @@
+"""Hyperparameter optimization by hypergradient descent: per-pixel L2 weights of a logistic regression on digits."""

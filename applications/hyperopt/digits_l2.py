@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 import bilevel as bl
 
-__all__ = ["DigitsSplits", "load_digits_splits", "make_lower", "train_loss", "val_loss", "accuracy", "run", "main"]
+__all__ = ["DigitsSplits", "load_digits_splits", "make_lower", "train_loss", "val_loss", "accuracy", "run", "main", "cli"]
 
 Params = Tuple[torch.Tensor, torch.Tensor]  # (W: (64, 10), b: (10,))
 
@@ -85,6 +85,7 @@ def val_loss(log_lam: torch.Tensor, params: Params, data: DigitsSplits) -> torch
 
 
 def accuracy(params: Params, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Fraction of ``x`` whose arg-max logit under the linear model ``params = (W, b)`` equals the label ``y``."""
     W, b = params
     return float(((x @ W + b).argmax(1) == y).double().mean())
 
@@ -141,6 +142,7 @@ def run(outer_steps: int = 30, lr: float = 0.3, inner_steps: int = 100, cg_iters
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, List[float]]:
+    """Parse the command line, run :func:`run`, print the validation loss and test accuracy; return the history."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--outer-steps", type=int, default=30)
     parser.add_argument("--lr", type=float, default=0.3)

@@ -1,4 +1,4 @@
-r"""The logistic attack model shared by the linearized tests (REFERENCE §5.4); the oracle's math is in
+r"""The logistic attack model shared by the linearized tests; the oracle's math is in
 test_core_linearized.py's docstring."""
 
 from __future__ import annotations

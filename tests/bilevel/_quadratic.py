@@ -1,4 +1,4 @@
-"""The quadratic lower problem g(x, y) = 0.5 y'Hy + x'Cy + a'y shared by the core tests (REFERENCE §5.2)."""
+"""The quadratic lower problem g(x, y) = 0.5 y'Hy + x'Cy + a'y shared by the core tests."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-r"""Oracles 1, 2, 3 and 5 of REFERENCE §5: ridge, quadratic, box-constrained QP, linear meta-learning.
+r"""Closed-form oracles: ridge, quadratic, box-constrained QP, linear meta-learning.
 
 Every strategy that applies is compared with the closed-form hypergradient in float64.
 """

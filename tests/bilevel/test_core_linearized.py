@@ -1,4 +1,4 @@
-r"""Linearized lower level and Danskin's theorem on a logistic model (REFERENCE §5.4).
+r"""Linearized lower level and Danskin's theorem on a logistic model (docs: concepts/strategies, "Linearized").
 
 Attack objective (the lower problem minimizes it): l_atk(theta, delta) = -sum_i log(1 + exp(-m_i)),
 m_i = y_i theta'(x_i + delta_i), so grad_delta_i l_atk = sigma(-m_i) y_i theta and

@@ -83,13 +83,6 @@ def test_trees_match_the_flat_problem(layout, name):
     assert (g_flat - 2 * x0).abs().max() > 1e-3 or name == "first-order"
 
 
-def test_dict_constraint_is_matched_by_key_not_order():
-    lower = bl.LowerProblem(lambda x, y: ((y["a"] - x) ** 2).sum() + ((y["b"] - x) ** 2).sum(),
-                            constraint={"b": None, "a": bl.Box(-1.0, 1.0)}, solver=bl.ProjectedGradient(0.25, 50))
-    y = bl.solve(lower, torch.tensor([3.0]), {"a": torch.zeros(1), "b": torch.zeros(1)}, bl.FirstOrder())
-    assert torch.allclose(y["a"], torch.tensor([1.0])) and torch.allclose(y["b"], torch.tensor([3.0]))
-
-
 def test_nn_module_parameters_get_the_imaml_hypergradient():
     r"""x = dict(model.named_parameters()); y = adapted parameters (a dict); iMAML closed form on
     the augmented design [X, 1]: d L_val(w*)/d phi = lam (A + lam I)^-1 grad L_val(w*)."""

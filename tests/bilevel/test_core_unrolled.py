@@ -1,4 +1,4 @@
-r"""Unrolled differentiation against its exact closed forms on a quadratic (REFERENCE §5.2).
+r"""Unrolled differentiation against its exact closed forms on a quadratic.
 
 g = 0.5 y'Hy + x'Cy + a'y, gradient descent with step a from an x-independent start:
 
