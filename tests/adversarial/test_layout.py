@@ -1,4 +1,4 @@
-"""The application's own layout rules (the rules shared by every package are in tests/test_layout.py): no
+"""The application's own layout rules (the rules shared by every package are in tests/test_package_layout.py): no
 module imports another's private name, nor reaches one through a sibling module's attribute; ``DATASETS`` is
 defined once; no module cites a file outside the repository."""
 
