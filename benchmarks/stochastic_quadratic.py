@@ -285,12 +285,14 @@ def thin(curve: List[Dict[str, float]], points: int = 120) -> List[Dict[str, flo
     return kept + [curve[-1]]
 
 
-def run_budget(P, name: str, budget_s: float, batch: int, seed: int) -> Dict[str, Any]:
-    """Iterate for ``budget_s`` seconds of (timed) wall time; log the exact metric every CHUNK iterations."""
+def run_budget(P, name: str, budget_s: float, batch: int, seed: int,
+               iterations: Optional[int] = None) -> Dict[str, Any]:
+    """Iterate for ``budget_s`` seconds of (timed) wall time, or for ``iterations`` iterations (rounded up to a
+    multiple of CHUNK) whatever the time; log the exact metric every CHUNK iterations."""
     x, iteration = METHODS[name](P, batch, seed)
     curve = [{"time_s": 0.0, "iteration": 0, **metrics(P, x)}]
     elapsed, it = 0.0, 0
-    while elapsed < budget_s:
+    while (elapsed < budget_s) if iterations is None else (it < iterations):
         t0 = time.perf_counter()
         for _ in range(CHUNK[name]):
             iteration()
@@ -506,6 +508,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tiny", action="store_true", help="small problem and budgets (smoke test)")
     ap.add_argument("--budget", type=float, default=20.0, help="wall-time seconds per method")
+    ap.add_argument("--iterations", type=int, default=None,
+                    help="run each method for this many iterations instead of a time budget (load-independent)")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--repeats", type=int, default=40, help="rounds of the per-iteration cost comparison")
     ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (0 keeps torch's default)")
@@ -539,7 +543,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                       "values come from the full curves",
     }
     for name in [m.strip() for m in args.methods.split(",") if m.strip()]:
-        r = run_budget(P, name, budget, batch, args.seed)
+        r = run_budget(P, name, budget, batch, args.seed, args.iterations)
         results["runs"].append(r)
         print(f"{name:13s} {r['iterations']:6d} it  {1e3 * r['s_per_iteration']:.3f} ms/it  final ||grad h||^2 "
               f"{r['final_grad_norm2']:.3g}  best {r['best_grad_norm2']:.3g}  time to {r['time_to']}", flush=True)
