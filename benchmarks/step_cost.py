@@ -5,8 +5,9 @@ A step is ``optimizer.zero_grad(); loss, _ = method.loss(model, x, y); loss.back
 :mod:`applications.adversarial.methods` at eps = 8/255:
 
 * ``standard``, ``fast_at`` (FGSM-RS), ``n_fgsm``, ``grad_align``, ``pgd-2``, ``pgd-10``;
-* ``fast_bat`` three ways: the exact implicit gradient (``lam = 1/attack_step``), the official ``lam = 10``
-  and no implicit gradient (``lam = inf``);
+* ``fast_bat`` five ways: the exact implicit gradient (``lam = 1/attack_step``), the official ``lam = 10``,
+  no implicit gradient (``lam = inf``), and the implicit gradient by forward and by central differences of
+  gradients (``products: forward`` / ``central``, ``lam = 1/attack_step``; 4 and 5 forward+backward passes);
 * ``fast_bat (official pass sequence)``: a re-implementation of the official code's step (Zhang et al., ICML 2022):
   ``create_graph`` on the first input-gradient step, the forward at :math:`x + \delta^\star` run twice (once
   for :math:`\nabla_\delta \ell`, once for the direct gradient), BatchNorm statistics updated on every pass,
@@ -137,6 +138,10 @@ METHOD_SPECS: Dict[str, Tuple[str, Dict[str, Any], str]] = {
     "fast_bat exact IG (lam=1/step)": ("fast_bat", {"eps": EPS, "lam": None}, "backward"),
     "fast_bat official lam=10": ("fast_bat", {"eps": EPS, "lam": 10.0}, "backward"),
     "fast_bat no IG (lam=inf)": ("fast_bat", {"eps": EPS, "lam": math.inf}, "backward"),
+    "fast_bat forward-difference IG (lam=1/step)": ("fast_bat", {"eps": EPS, "lam": None, "products": "forward"},
+                                                    "backward"),
+    "fast_bat central-difference IG (lam=1/step)": ("fast_bat", {"eps": EPS, "lam": None, "products": "central"},
+                                                    "backward"),
     "fast_bat official pass sequence": ("official", {}, "official"),
     "fast_bat exact, backward(inputs=params)": ("fast_bat", {"eps": EPS, "lam": None}, "inputs"),
     "pgd-2": ("pgd", {"eps": EPS, "steps": 2}, "backward"),
@@ -310,12 +315,14 @@ def run_model(model_name: str, spec: Dict[str, Any], labels: List[str], device: 
 
 
 def targets(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
-    """The three cost targets, on wall-clock and CPU-time medians."""
+    """The cost targets, on wall-clock and CPU-time medians."""
     by = {r["method"]: r for r in rows}
     out: Dict[str, Any] = {}
     checks = [("exact_ig_over_fast_at", "fast_bat exact IG (lam=1/step)", "fast_at", 2.2),
               ("exact_ig_over_official_sequence", "fast_bat exact IG (lam=1/step)", "fast_bat official pass sequence", 0.8),
-              ("no_ig_over_fast_at", "fast_bat no IG (lam=inf)", "fast_at", 1.6)]
+              ("no_ig_over_fast_at", "fast_bat no IG (lam=inf)", "fast_at", 1.6),
+              ("forward_difference_ig_over_fast_at", "fast_bat forward-difference IG (lam=1/step)", "fast_at", 1.7),
+              ("central_difference_ig_over_fast_at", "fast_bat central-difference IG (lam=1/step)", "fast_at", 1.7)]
     for key, num, den, limit in checks:
         if num in by and den in by:
             wall = by[num]["median_ms"] / by[den]["median_ms"]

@@ -417,10 +417,18 @@ def _dataclass_defaults(cls: Optional[type]) -> Dict[str, Any]:
 
 
 def _lenient(tp: Any) -> Any:
-    """A dataclass field's type for pydantic: floats accept fractions ("8/255") and inf, ints and bools are strict."""
+    """A dataclass field's type for pydantic: floats accept fractions ("8/255") and inf, ints and bools are
+    strict, and a :class:`bilevel.Products` option is one of the names of ``methods.PRODUCTS`` (a string
+    in the config; :func:`~applications.adversarial.methods.build_method` makes it the object)."""
+    import bilevel
+
+    from .methods import PRODUCTS
+
     origin = typing.get_origin(tp)
     if origin is Union:
         return Union[tuple(_lenient(a) for a in typing.get_args(tp))]  # type: ignore[return-value]
+    if isinstance(tp, type) and issubclass(tp, bilevel.Products):
+        return Literal[tuple(PRODUCTS)]  # type: ignore[valid-type]
     return {float: AnyReal, int: StrictInt, bool: StrictBool, str: StrictStr}.get(tp, tp)
 
 
@@ -431,7 +439,8 @@ def _options_model(cls: type) -> Type[BaseModel]:
     for f in dataclasses.fields(cls):
         if not f.init:
             continue
-        default = ... if f.default is dataclasses.MISSING else f.default
+        default = f.default if f.default is not dataclasses.MISSING else (
+            ... if f.default_factory is dataclasses.MISSING else f.default_factory())
         fields[f.name] = (_lenient(hints[f.name]), default)
     return create_model(f"{cls.__name__}Options", __config__=ConfigDict(extra="forbid"), **fields)
 
@@ -501,8 +510,9 @@ def _cross_problems(cfg: Dict[str, Any], problems: List[str]) -> None:
     method = _method_problems(method_cfg, problems) if method_cfg is not None else None
     train: Optional[TrainConfig] = cfg.get("train")
     if method is not None and train is not None and train.compile and method.requires_double_backward:
+        fix = " (or method.products=forward: the implicit gradient by differences)" if hasattr(method, "products") else ""
         problems.append(f"train.compile: method {method_cfg.name!r} needs double backward, "
-                        "which torch.compile does not support; set train.compile=false")
+                        f"which torch.compile does not support; set train.compile=false{fix}")
     eval_cfg: Optional[EvalConfig] = cfg.get("eval")
     if method is not None and eval_cfg is not None and eval_cfg.eps is None and float(method.eps) <= 0:
         problems.append(f"eval.eps: method {method_cfg.name!r} has eps {method.eps}; set the evaluation radius "

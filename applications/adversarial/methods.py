@@ -49,12 +49,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Tuple, Type
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterator, List, Optional, Tuple, Type
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import bilevel as bl
 
@@ -70,6 +71,7 @@ __all__ = [
     "NFGSM",
     "METHODS",
     "OptionError",
+    "PRODUCTS",
     "build_method",
     "check_eps",
     "bn_stats_frozen",
@@ -247,8 +249,31 @@ class FastBAT(TrainingMethod):
     the loss :math:`\mathrm{CE}(h_\theta(x + \delta^\star(\theta)), y)` back-propagates
     :math:`\nabla_\theta \ell_{tr} + (\mathrm{d}\delta^\star/\mathrm{d}\theta)^\top \nabla_\delta \ell_{tr}`, the
     paper's eq. (14), in one backward: :class:`bilevel.Linearized` keeps :math:`\nabla_\delta g(\theta, z)`
-    with a graph and the clamp of the projection supplies :math:`H_C`. Cost: one input-gradient pass
-    (to :math:`z`), one gradient pass kept for double backward, and one training pass.
+    with a graph and the clamp of the projection supplies :math:`H_C`.
+
+    The mixed product :math:`\nabla^2_{\theta\delta} g(\theta, z)\, w` (:math:`w = H_C \nabla_\delta \ell_{tr}`,
+    known only in the backward pass) is taken as ``products`` says. Passes per step (F+B: a forward
+    and a backward; "input", "weights": which gradients the backward computes):
+
+    * ``bl.Exact()`` (default): F+B input (to :math:`z`), F+B input kept for double backward (at
+      :math:`z`), F+B training, and the double backward through the kept graph; 3 F+B plus the
+      double backward (``requires_double_backward``).
+    * ``bl.ForwardDifference()``: F+B input (to :math:`z`), F+B input and weights at :math:`z` (the
+      weight gradient :math:`\nabla_\theta g(\theta, z)` is the base of the difference, taken in the
+      pass that computes the value), F+B training, and in the backward one F+B weights at
+      :math:`z + h w`; 4 F+B, no double backward.
+    * ``bl.CentralDifference()``: F+B input, F+B input at :math:`z`, F+B training, and in the backward
+      F+B weights at :math:`z + h w` and at :math:`z - h w`; 5 F+B, no double backward.
+
+    With ``bl.Exact()`` the pass kept for double backward runs under
+    ``sdpa_kernel(SDPBackend.MATH)``: ``scaled_dot_product_attention``'s fused kernels (flash and
+    memory-efficient; on CPU the flash kernel) have no double backward, the math kernel has. The
+    differenced products work with every kernel. The differenced passes re-run the model; BatchNorm
+    running statistics are frozen for them (always), so a step updates the statistics exactly as with
+    ``bl.Exact()`` (with ``update_bn_on_attack`` one forward without graph at :math:`z` restores the
+    update that the pass at :math:`z` would make). On ReLU networks the differences cross kinks and can
+    be far from the exact product (the adversarial-training guide, "Implicit gradient by finite
+    differences").
 
     Options:
         eps: L-inf radius (pixel units).
@@ -267,6 +292,10 @@ class FastBAT(TrainingMethod):
             forward without graph at :math:`\delta^\star` (statistics only), so that a step updates them
             as the official code's four train-mode forwards do (at :math:`z_0`, :math:`z`, and twice at
             :math:`\delta^\star`: for :math:`\nabla_\delta \ell_{tr}` and for the direct gradient).
+        products: how the implicit term's mixed product is taken: ``bl.Exact()`` (default, double
+            backward), ``bl.ForwardDifference()`` or ``bl.CentralDifference()`` (differences of first-order
+            gradients: runs under ``torch.compile`` and on models without a double backward). In YAML a
+            name of :data:`PRODUCTS` (``products: forward``).
 
     :meth:`official` returns the official code's settings; the defaults differ from it in
     ``mask_tol=None`` and ``update_bn_on_attack=False``.
@@ -278,6 +307,7 @@ class FastBAT(TrainingMethod):
     lam: Optional[float] = 10.0
     mask_tol: Optional[float] = None
     update_bn_on_attack: bool = False
+    products: bl.Products = field(default_factory=bl.Exact)
     name = "fast_bat"
 
     def __post_init__(self) -> None:
@@ -293,6 +323,10 @@ class FastBAT(TrainingMethod):
         if self.mask_tol is not None and (isinstance(self.mask_tol, bool) or not isinstance(self.mask_tol, (int, float))
                                           or not self.mask_tol >= 0):
             raise OptionError(self.name, "mask_tol", f"must be None or a number >= 0, got {self.mask_tol!r}")
+        if not isinstance(self.products, bl.Products):
+            raise OptionError(self.name, "products", "must be bilevel.Exact(), bilevel.ForwardDifference() or "
+                              f"bilevel.CentralDifference() (in YAML one of {', '.join(PRODUCTS)}), "
+                              f"got {self.products!r}")
         if self.attack_step is None:
             self.attack_step = _official_attack_step(self.eps)
         if self.z_step is None:
@@ -306,14 +340,20 @@ class FastBAT(TrainingMethod):
         return cls(eps=eps, **options)
 
     @property
+    def differenced(self) -> bool:
+        """Whether the implicit term's mixed product is taken by differences of first-order gradients."""
+        return isinstance(self.products, (bl.ForwardDifference, bl.CentralDifference))
+
+    @property
     def requires_double_backward(self) -> bool:
-        """True unless ``lam`` is infinite (no implicit term, no second-order graph)."""
-        return self.lam is None or math.isfinite(self.lam)
+        """True unless ``lam`` is infinite (no implicit term) or the products are differenced."""
+        return (self.lam is None or math.isfinite(self.lam)) and not self.differenced
 
     @property
     def strategy(self) -> bl.Linearized:
-        """The lower-level strategy: :class:`bilevel.Linearized` at :math:`z` with this method's step, lam, mask."""
-        return bl.Linearized(step=self.attack_step, lam=self.lam, mask_tol=self.mask_tol)
+        """The lower-level strategy: :class:`bilevel.Linearized` at :math:`z` with this method's step, lam,
+        mask and products."""
+        return bl.Linearized(step=self.attack_step, lam=self.lam, mask_tol=self.mask_tol, products=self.products)
 
     def perturbation(self, model: nn.Module, x: Tensor, y: Tensor, *, generator: Generator = None,
                      attack_model: Optional[nn.Module] = None) -> Tensor:
@@ -323,14 +363,35 @@ class FastBAT(TrainingMethod):
         constraint = threat_set(x, self.eps)
         attack = attack_problem(model, x, y, constraint, bl.ProjectedGradient(step_size=self.z_step, steps=1))
         params = model_params(model)
+        update_bn = self.update_bn_on_attack and any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules())
         with bn_stats_frozen(model, not self.update_bn_on_attack):
             z = attack.solver.run(attack, params, uniform_start(x, self.eps, generator))
-            delta = bl.solve(attack, params, z, self.strategy, check_finite=False)
-        if self.update_bn_on_attack and any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
-                                            for m in model.modules()):
-            with torch.no_grad():  # the official code's extra train-mode forward at delta*: statistics only
-                model(x + delta.detach())
+            if self.differenced:
+                # the differenced backward re-runs g after this block: its passes never update statistics
+                lower = dataclasses.replace(attack, objective=_stats_frozen(attack.objective, model))
+                delta = bl.solve(lower, params, z, self.strategy, check_finite=False)
+            else:
+                # the pass kept for double backward: of scaled_dot_product_attention's kernels only the math
+                # one has a double backward (the fused ones raise "derivative ... not implemented")
+                with sdpa_kernel(SDPBackend.MATH) if self.requires_double_backward else contextlib.nullcontext():
+                    delta = bl.solve(attack, params, z, self.strategy, check_finite=False)
+        if update_bn:
+            with torch.no_grad():  # statistics only
+                if self.differenced:  # the update the (frozen) pass at z would have made
+                    model(x + z)
+                model(x + delta.detach())  # the official code's extra train-mode forward at delta*
         return delta
+
+
+def _stats_frozen(objective: Callable[..., Tensor], model: nn.Module) -> Callable[..., Tensor]:
+    """``objective`` evaluated with ``model``'s train-mode BatchNorm statistics frozen (:func:`bn_stats_frozen`)."""
+
+    def frozen(*args: object) -> Tensor:
+        with bn_stats_frozen(model):
+            return objective(*args)
+
+    return frozen
 
 
 @dataclass
@@ -528,9 +589,19 @@ METHODS: Dict[str, Type[TrainingMethod]] = {
     cls.name: cls for cls in (Standard, FastAT, FastBAT, PGDAT, GradAlign, NFGSM)
 }
 
+#: The names of :class:`bilevel.Products` a YAML configuration gives (``method.products: forward``) ->
+#: the object (each with its step rule; objects with other options are passed from Python).
+PRODUCTS: Dict[str, Callable[[], bl.Products]] = {
+    "exact": bl.Exact,
+    "forward": bl.ForwardDifference,
+    "central": bl.CentralDifference,
+}
+
 
 def build_method(name: str, **options: object) -> TrainingMethod:
     """Build the training method ``name`` (a key of :data:`METHODS`) with its dataclass options.
+
+    A ``products`` option may be a name of :data:`PRODUCTS` (as in YAML) instead of the object.
 
     Raises:
         ValueError: unknown method name (the message lists the valid ones) or an invalid option value.
@@ -548,5 +619,10 @@ def build_method(name: str, **options: object) -> TrainingMethod:
                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in options]
     if missing:
         raise TypeError(f"training method {name!r}: missing required option(s) {', '.join(missing)}")
+    products = options.get("products")
+    if isinstance(products, str):
+        if products not in PRODUCTS:
+            raise OptionError(name, "products", f"must be one of {', '.join(PRODUCTS)}, got {products!r}")
+        options = {**options, "products": PRODUCTS[products]()}
     return cls(**options)
 

@@ -14,6 +14,7 @@ from .batchnorm import BatchNorm2d, batch_norm_train, use_lean_batchnorm
 from .normalize import Normalized, Stats, as_channel_stats
 from .preact_resnet import PreActBlock, PreActResNet, preact_resnet18
 from .small_cnn import SmallCNN
+from .vit import VisionTransformer
 from .wide_resnet import WideBasicBlock, WideResNet, WideStage, wide_resnet34_10
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "PreActBlock",
     "PreActResNet",
     "SmallCNN",
+    "VisionTransformer",
     "WideBasicBlock",
     "WideResNet",
     "WideStage",
@@ -48,6 +50,7 @@ MODELS: Dict[str, Callable[..., nn.Module]] = {
     ),
     "wide_resnet": _wide_resnet,
     "small_cnn": lambda num_classes, in_channels, **kw: SmallCNN(num_classes, in_channels, **kw),
+    "vit": lambda num_classes, in_channels, **kw: VisionTransformer(num_classes, in_channels, **kw),
 }
 
 #: short name -> name in :data:`MODELS`.
@@ -61,7 +64,9 @@ def build_model(
 
     Names: ``preact_resnet18`` (alias ``prn18``), ``wide_resnet34_10`` (``wrn34_10``),
     ``wide_resnet`` (``wrn``; pass ``depth=``, ``widen_factor=``, ``dropout=``) and ``small_cnn``
-    (``cnn``; ``width=``, ``hidden=``, ``pool_size=``). Dashes and case are ignored
+    (``cnn``; ``width=``, ``hidden=``, ``pool_size=``) and ``vit`` (:class:`VisionTransformer`;
+    ``image_size=`` (default 32: pass 28 for MNIST), ``patch_size=`` (4; 4 or 7 for MNIST), ``dim=``,
+    ``depth=``, ``heads=``, ``mlp_ratio=``). Dashes and case are ignored
     (``PreAct-ResNet18`` works). ``lean_batchnorm=True`` swaps in :class:`BatchNorm2d` (a leaner second
     derivative for Fast-BAT's implicit gradient, see :mod:`.batchnorm`). Other keyword arguments go to the
     constructor.
