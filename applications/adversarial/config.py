@@ -489,9 +489,13 @@ def _method_problems(method: MethodConfig, problems: List[str]) -> Optional[Any]
         except OptionError as exc:
             problems.append(f"method.eps: {exc.detail}")
         return None
-    kept = ", ".join(f"{k}: {_flow(v)}" for k, v in method.options.items() if k in _init_fields(cls))
-    hint = (f"; a config written for another method keeps its options when only method.name changes: replace "
-            f"the whole section, e.g. method={{name: {method.name}{', ' + kept if kept else ''}}}")
+    own = _init_fields(cls)
+    others = {f for other in METHODS.values() if other is not cls for f in _init_fields(other)}
+    hint = ""
+    if any(k not in own and k in others for k in method.options):  # options of another method
+        kept = ", ".join(f"{k}: {_flow(v)}" for k, v in method.options.items() if k in own)
+        hint = (f"; a config written for another method keeps its options when only method.name changes: "
+                f"replace the whole section, e.g. method={{name: {method.name}{', ' + kept if kept else ''}}}")
     options, all_valid = _check_options(cls, method.options, "method", f" for method {method.name!r}", problems,
                                         hint)
     if not all_valid and len(options) == len(method.options):

@@ -181,3 +181,8 @@ def test_switching_method_over_a_config_says_how_to_replace_the_section():
     assert "method={name: fast_at, eps: 0.3}" in problem, problem  # the whole section, with the kept eps
     cfg = load_config(QUICKSTART, ["method={name: fast_at, eps: 0.3}"])
     assert cfg.method.name == "fast_at" and cfg.method.options == {"eps": 0.3}
+
+
+def test_a_misspelt_option_gets_no_section_hint():
+    (problem,) = problems_of(["method.lamb=3"])
+    assert "did you mean 'lam'" in problem and "replace the whole section" not in problem
