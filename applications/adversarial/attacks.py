@@ -73,11 +73,15 @@ class ShardedGenerator:
     global batch ``(W n, ...)`` from ``generator`` (seeded identically on every rank) and its rows
     ``[rank::world_size]``, so every sample gets the random start it would get in one process with the
     same generator state (at the cost of ``W`` times the random numbers, negligible next to a forward).
+    ``global_rows`` gives the global batch's size when it is not ``W n`` (an evaluation's last batch,
+    split unevenly): the draw is then ``(global_rows, ...)``, and the local batch must be its rows
+    ``[rank::world_size]``.
     """
 
     generator: torch.Generator
     rank: int
     world_size: int
+    global_rows: Optional[int] = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.rank < self.world_size:
@@ -91,7 +95,8 @@ Generator = Union[torch.Generator, ShardedGenerator, None]
 def rand_like(x: Tensor, generator: Generator) -> Tensor:
     """:math:`U[0, 1)` draws shaped like ``x`` (see :class:`ShardedGenerator` for the data-parallel case)."""
     if isinstance(generator, ShardedGenerator):
-        shape = (x.shape[0] * generator.world_size, *x.shape[1:])
+        rows = generator.global_rows if generator.global_rows is not None else x.shape[0] * generator.world_size
+        shape = (rows, *x.shape[1:])
         u = torch.rand(shape, generator=generator.generator, dtype=x.dtype, device=x.device)
         return u[generator.rank::generator.world_size]
     return torch.rand(x.shape, generator=generator, dtype=x.dtype, device=x.device)
@@ -117,7 +122,7 @@ def model_params(model: nn.Module) -> Dict[str, Tensor]:
 
 
 def pgd_attack(model: nn.Module, x: Tensor, y: Tensor, eps: float, steps: int, step_size: Optional[float] = None,
-               restarts: int = 1, generator: Optional[torch.Generator] = None) -> Tensor:
+               restarts: int = 1, generator: Generator = None) -> Tensor:
     r"""L-inf PGD: ``restarts`` runs of ``steps`` signed projected-gradient ascent steps on the summed CE.
 
     Each run starts at :func:`uniform_start` and iterates

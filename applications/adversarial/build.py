@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
@@ -9,7 +10,7 @@ import torch
 from torch import nn
 
 from .config import Config
-from .data import ImageArrays, load_dataset, train_val_split
+from .data import DataError, ImageArrays, load_dataset, train_val_split
 from .models import build_model
 
 __all__ = ["RunData", "build_run_model", "load_run_data"]
@@ -28,8 +29,18 @@ class RunData:
 
 def load_run_data(cfg: Config, device: torch.device, need_train: bool = True) -> RunData:
     """Loads ``cfg.data``: the training split minus its last ``n_val`` images (validation), capped at
-    ``n_train``, and the test split, all moved to ``device``."""
-    train_full, test = load_dataset(cfg.data.name, cfg.data.path)
+    ``n_train``, and the test split, all moved to ``device``.
+
+    Raises:
+        DataError: the data cannot be read (the message names the file).
+        FileNotFoundError: the data path does not exist.
+    """
+    try:
+        train_full, test = load_dataset(cfg.data.name, cfg.data.path)
+    except DataError:
+        raise
+    except (ValueError, KeyError, EOFError, zlib.error) as err:  # the loaders' checks of shapes and labels
+        raise DataError(f"dataset {cfg.data.name!r} ({cfg.data.path}): {err}") from err
     info = {"num_classes": train_full.num_classes, "channels": train_full.channels,
             "image_size": list(train_full.image_size), "mean": list(train_full.mean), "std": list(train_full.std),
             "classes": list(train_full.classes)}

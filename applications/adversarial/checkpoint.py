@@ -7,7 +7,12 @@ Atomicity. :func:`save_atomic` writes to a temporary file in the destination dir
 ``fsync``\\ s it, renames it onto the destination with ``os.replace`` (atomic on POSIX and Windows when
 both names are on the same file system) and ``fsync``\\ s the directory so that the rename itself is
 durable. A process killed at any instant therefore leaves either the previous complete file or the new
-complete file under ``path``, never a truncated one; at worst a stray ``.<name>.*.tmp`` file remains.
+complete file under ``path``, never a truncated one; at worst a stray ``.<name>.<pid>.<hex>.tmp`` file
+remains, which :func:`remove_stale_temporaries` deletes once its writer is gone.
+
+A failed write (a full disk, a read-only or vanished directory) raises :class:`OSError` with the errno
+of the underlying failure and the checkpoint's path, even where ``torch.save`` reports it as a
+``RuntimeError`` of its zip writer.
 """
 
 from __future__ import annotations
@@ -17,9 +22,10 @@ import dataclasses
 import math
 import os
 import random
+import re
 import uuid
 from pathlib import Path
-from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -30,6 +36,7 @@ __all__ = [
     "capture_rng_state",
     "check_compatible",
     "load",
+    "remove_stale_temporaries",
     "restore_rng_state",
     "save_atomic",
 ]
@@ -67,25 +74,74 @@ def save_atomic(obj: Dict[str, Any], path: PathLike) -> None:
 
     Raises:
         TypeError: ``obj`` is not a dict.
+        OSError: the file cannot be written (errno of the cause; the message names ``path``).
     """
     if not isinstance(obj, dict):
         raise TypeError(f"save_atomic expects a dict checkpoint, got {type(obj).__name__}")
     path = Path(path)
     directory = path.parent if str(path.parent) else Path(".")
-    directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    except OSError as err:
+        raise OSError(err.errno, f"cannot write checkpoint {path}: {err.strerror}") from err
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        cause = _os_error(err)
+        if cause is not None:
+            raise OSError(cause.errno, f"cannot write checkpoint {path}: {cause.strerror or cause}") from err
         raise
     _fsync_directory(directory)
+
+
+def _os_error(err: BaseException) -> Optional[OSError]:
+    """The OSError that ``err`` is or was raised while handling (torch's zip writer wraps it)."""
+    seen = 0
+    e: Optional[BaseException] = err
+    while e is not None and seen < 8:
+        if isinstance(e, OSError):
+            return e
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return None
+
+
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{12}\.tmp$")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else (or the platform cannot tell): keep its file
+        return True
+    return True
+
+
+def remove_stale_temporaries(directory: PathLike) -> List[Path]:
+    """Deletes the ``.<name>.<pid>.<hex>.tmp`` files that :func:`save_atomic` left in ``directory`` when
+    its process was killed mid-write (those whose process no longer runs); returns their paths."""
+    directory = Path(directory)
+    removed: List[Path] = []
+    if not directory.is_dir():
+        return removed
+    for p in sorted(directory.iterdir()):
+        m = _TEMPORARY.match(p.name)
+        if m and p.is_file() and not _pid_alive(int(m.group("pid"))):
+            with contextlib.suppress(OSError):
+                p.unlink()
+                removed.append(p)
+    return removed
 
 
 def load(path: PathLike, map_location: Any = "cpu") -> Dict[str, Any]:

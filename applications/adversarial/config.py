@@ -20,7 +20,7 @@ Sections::
     method:  name, <that method's dataclass fields> (eps, step sizes, lam, ...)
     train:   epochs, batch_size, lr_max, lr_schedule (cyclic | piecewise | constant), lr_peak,
              lr_milestones, lr_gamma, momentum, weight_decay, nesterov, amp (bf16 | fp16 | none; CUDA
-             only), channels_last, compile, max_steps, nan_check_every
+             only), channels_last, compile, max_steps, nan_check_every, divergence_factor, max_weight
     eval:    every epoch: val clean accuracy + PGD(val_steps, val_restarts) on val_n images;
              at the end: PGD(test_steps, test_restarts, step eps/4) on test_n test images
     co:      catastrophic-overfitting detector options, enabled, early_stop
@@ -222,7 +222,9 @@ class TrainConfig(_Section):
     (:func:`~applications.adversarial.schedule.learning_rate`); ``amp``: autocast dtype on CUDA (bf16
     recommended: with fp16 the GradScaler scales only the final backward, not the attack's input
     gradients); ``max_steps`` caps the optimizer steps; the loss is checked for NaN/Inf every
-    ``nan_check_every`` steps."""
+    ``nan_check_every`` steps. Divergence (checked after every epoch, before anything is saved): a train
+    loss above ``divergence_factor`` times max(ln K, the lowest loss of the earlier epochs), or a weight
+    above ``max_weight`` in magnitude; the epoch is then neither saved nor kept."""
 
     epochs: StrictInt = Field(5, gt=0)
     batch_size: StrictInt = Field(128, gt=0)
@@ -239,6 +241,8 @@ class TrainConfig(_Section):
     compile: StrictBool = False
     max_steps: Optional[StrictInt] = Field(None, gt=0)
     nan_check_every: StrictInt = Field(50, gt=0)
+    divergence_factor: Real = Field(10.0, gt=1)
+    max_weight: Real = Field(1e4, gt=0)
 
     @model_validator(mode="after")
     def _nesterov_needs_momentum(self) -> TrainConfig:
@@ -446,14 +450,14 @@ def _options_model(cls: type) -> Type[BaseModel]:
 
 
 def _check_options(cls: type, options: Dict[str, Any], where: str, owner: str,
-                   problems: List[str]) -> Tuple[Dict[str, Any], bool]:
+                   problems: List[str], hint: str = "") -> Tuple[Dict[str, Any], bool]:
     """The known ``options`` typed by the fields of dataclass ``cls``, and whether all of them were
-    valid (unknown keys and type errors recorded in ``problems``)."""
-    fields = [f.name for f in dataclasses.fields(cls) if f.init]
-    for key in options:
-        if key not in fields:
-            problems.append(f"unknown key '{where}.{key}'{owner}{_did_you_mean(str(key), fields)}; "
-                            f"valid: {', '.join(fields)}")
+    valid (unknown keys and type errors recorded in ``problems``; ``hint`` ends the last unknown key's)."""
+    fields = _init_fields(cls)
+    unknown = [key for key in options if key not in fields]
+    for key in unknown:
+        problems.append(f"unknown key '{where}.{key}'{owner}{_did_you_mean(str(key), fields)}; "
+                        f"valid: {', '.join(fields)}{hint if key == unknown[-1] else ''}")
     known = {k: v for k, v in options.items() if k in fields}
     try:
         model = _options_model(cls).model_validate(known)
@@ -468,6 +472,15 @@ def _check_options(cls: type, options: Dict[str, Any], where: str, owner: str,
 
 
 # ------------------------------------------------------------------------------ checks across keys
+
+
+def _init_fields(cls: type) -> List[str]:
+    return [f.name for f in dataclasses.fields(cls) if f.init]
+
+
+def _flow(value: Any) -> str:
+    """``value`` as it reads in a one-line YAML mapping."""
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
 
 
 def _method_problems(method: MethodConfig, problems: List[str]) -> Optional[Any]:
@@ -485,7 +498,15 @@ def _method_problems(method: MethodConfig, problems: List[str]) -> Optional[Any]
         except OptionError as exc:
             problems.append(f"method.eps: {exc.detail}")
         return None
-    options, all_valid = _check_options(cls, method.options, "method", f" for method {method.name!r}", problems)
+    own = _init_fields(cls)
+    others = {f for other in METHODS.values() if other is not cls for f in _init_fields(other)}
+    hint = ""
+    if any(k not in own and k in others for k in method.options):  # options of another method
+        kept = ", ".join(f"{k}: {_flow(v)}" for k, v in method.options.items() if k in own)
+        hint = (f"; a config written for another method keeps its options when only method.name changes: "
+                f"replace the whole section, e.g. method={{name: {method.name}{', ' + kept if kept else ''}}}")
+    options, all_valid = _check_options(cls, method.options, "method", f" for method {method.name!r}", problems,
+                                        hint)
     if not all_valid and len(options) == len(method.options):
         return None  # a type error: the method's own checks would repeat it
     method.options = options
@@ -588,10 +609,9 @@ def parse_override(text: str) -> Tuple[List[str], Any]:
     return key.split("."), parsed
 
 
-def apply_overrides(raw: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, Any]:
-    """Returns a copy of the mapping ``raw`` with each ``key.sub=value`` applied (sections created
-    as needed). Model and co options may be written flat (``model.width=16``) or nested."""
-    out = copy.deepcopy(raw) if raw else {}
+def _apply_overrides(raw: Optional[Mapping[str, Any]], overrides: Sequence[str]) -> Tuple[Dict[str, Any], List[str]]:
+    """:func:`apply_overrides` that returns the problems instead of raising (the valid overrides applied)."""
+    out = copy.deepcopy(dict(raw)) if raw else {}
     problems: List[str] = []
     for text in overrides:
         try:
@@ -610,6 +630,13 @@ def apply_overrides(raw: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, 
             node = nxt
         else:
             node[path[-1]] = value
+    return out, problems
+
+
+def apply_overrides(raw: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, Any]:
+    """Returns a copy of the mapping ``raw`` with each ``key.sub=value`` applied (sections created
+    as needed). Model and co options may be written flat (``model.width=16``) or nested."""
+    out, problems = _apply_overrides(raw, overrides)
     if problems:
         raise ConfigError(problems)
     return out
@@ -641,5 +668,11 @@ def load_config(
     raw: Dict[str, Any] = dict(copy.deepcopy(base)) if base is not None else {}
     if path is not None:
         raw = read_yaml(path)
-    raw = apply_overrides(raw, overrides)
-    return config_from_dict(raw)
+    raw, problems = _apply_overrides(raw, overrides)  # a malformed override does not hide the other problems
+    try:
+        cfg = config_from_dict(raw)
+    except ConfigError as exc:
+        raise ConfigError(problems + exc.problems) from None
+    if problems:
+        raise ConfigError(problems)
+    return cfg

@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 __all__ = [
+    "DeviceError",
     "DistContext",
     "all_gather_object",
     "barrier",
@@ -41,6 +42,10 @@ __all__ = [
     "unwrap",
     "wrap_model",
 ]
+
+
+class DeviceError(RuntimeError):
+    """The requested device is not available on this machine."""
 
 
 @dataclass
@@ -64,14 +69,15 @@ def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
     """``"auto"`` -> ``cuda:<local_rank>`` if CUDA is available, else ``cpu``; ``"cuda"`` -> ``cuda:<local_rank>``.
 
     Raises:
-        RuntimeError: CUDA is requested but not available.
+        DeviceError: CUDA is requested but not available.
     """
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(f"device {device!r} requested but CUDA is not available")
+            raise DeviceError(f"device {device!r} requested but CUDA is not available on this machine "
+                              "(torch.cuda.is_available() is False); use device=cpu or device=auto")
         if dev.index is None:
             dev = torch.device("cuda", local_rank)
     return dev
@@ -124,15 +130,24 @@ def setup(device: str = "auto") -> DistContext:
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=dev, enabled=True)
 
 
-def wrap_model(model: nn.Module, ctx: DistContext, *, sync_batchnorm: bool = False, **ddp_kwargs: Any) -> nn.Module:
+def wrap_model(model: nn.Module, ctx: DistContext, *, sync_batchnorm: bool = False, sync_buffers: bool = True,
+               **ddp_kwargs: Any) -> nn.Module:
     """``DistributedDataParallel(model)`` when ``ctx.enabled`` (``device_ids=[index]`` on CUDA), else ``model``.
 
     ``model`` must already be on ``ctx.device``. ``sync_batchnorm=True`` converts BatchNorm layers to
-    ``SyncBatchNorm`` first (batch statistics over the global batch; CUDA only). Keyword arguments go to
-    DDP, e.g. ``find_unused_parameters=True`` or ``broadcast_buffers=False``.
+    ``SyncBatchNorm`` first (batch statistics over the global batch; CUDA only). ``sync_buffers=False``:
+    every forward keeps the rank's own buffers (BatchNorm running statistics) instead of rank 0's,
+    through ``forward_sync_buffers=False`` where DDP has it (it deprecates ``broadcast_buffers``, with
+    a warning on every rank), else ``broadcast_buffers=False``; the buffers are still equal at
+    construction. Other keyword arguments go to DDP, e.g. ``find_unused_parameters=True``.
     """
     if not ctx.enabled:
         return model
+    if not sync_buffers:
+        import inspect
+
+        params = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
+        ddp_kwargs["forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"] = False
     if sync_batchnorm:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if ctx.device.type == "cuda":

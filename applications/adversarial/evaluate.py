@@ -16,14 +16,17 @@ rebuilt from the configuration stored in it (``--data-path`` replaces the data l
   skipped with a message when it is not installed.
 
 The PGD random starts are seeded like the trainer's final test, so on the same subset and device the
-numbers match the run's ``results.json``. Prints a table and writes JSON (``--output``, default
-``<checkpoint dir>/eval_<checkpoint name>.json``). Exit code 2 on a bad checkpoint/config.
+numbers match the run's ``results.json`` (whatever number of processes the run used). Prints a table and
+writes JSON (``--output``, default ``<checkpoint dir>/eval_<checkpoint name>.json``). Exit code 2 on a
+bad option, checkpoint, config, data or device; the options and the output folder are checked before
+any attack runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -34,14 +37,18 @@ import torch
 from applications.adversarial import checkpoint as ckpt_lib
 from applications.adversarial.build import build_run_model, load_run_data
 from applications.adversarial.config import EXIT_CONFIG, ConfigError, as_float, load_config
-from applications.adversarial.distributed import DistContext, resolve_device
+from applications.adversarial.data import DataError
+from applications.adversarial.distributed import DeviceError, DistContext, resolve_device
 from applications.adversarial.evaluation import autoattack_accuracy, evaluate_clean, evaluate_robust, format_table
 from applications.adversarial.seeds import Stream, mix_seed
 
-__all__ = ["ATTACKS", "evaluate_checkpoint", "main", "resolve_checkpoint"]
+__all__ = ["AA_ATTACKS", "AA_VERSIONS", "ATTACKS", "evaluate_checkpoint", "main", "resolve_checkpoint"]
 
 #: The attacks ``--attacks`` chooses from.
 ATTACKS = ("clean", "pgd", "autoattack")
+#: ``--aa-version``: a version of AutoAttack, or a comma list of these attacks of it.
+AA_VERSIONS = ("standard", "plus", "rand")
+AA_ATTACKS = ("apgd-ce", "apgd-t", "apgd-dlr", "fab", "fab-t", "square")
 
 
 def resolve_checkpoint(path: Path) -> Path:
@@ -96,7 +103,7 @@ def evaluate_checkpoint(path: Path, attacks: List[str], n: Optional[int] = None,
         else:
             label = f"AutoAttack ({aa_version})"
             try:
-                version: Any = aa_version if aa_version in ("standard", "plus", "rand") else aa_version.split(",")
+                version: Any = aa_version if aa_version in AA_VERSIONS else [a.strip() for a in aa_version.split(",")]
                 r = autoattack_accuracy(model, data.test.x[:n], data.test.y[:n], eps, version=version,
                                         batch_size=bs, seed=cfg.seed, device=dev)
                 res = {"accuracy": r["robust_acc"], "clean_acc": r["clean_acc"], "version": aa_version}
@@ -149,6 +156,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         v = getattr(args, name)
         if v is not None and v <= 0:
             problems.append(f"--{name.replace('_', '-')}: must be positive, got {v}")
+    if args.aa_version not in AA_VERSIONS:
+        unknown = [a for a in (p.strip() for p in args.aa_version.split(",")) if a not in AA_ATTACKS]
+        if unknown:
+            problems.append(f"--aa-version: unknown attack {unknown[0]!r}; choose {' | '.join(AA_VERSIONS)} or a comma "
+                            f"list of {', '.join(AA_ATTACKS)}")
+    if args.output is not None:  # checked now, not after minutes of attacks
+        parent = args.output.parent if str(args.output.parent) else Path(".")
+        if not parent.is_dir():
+            problems.append(f"--output: directory {parent} does not exist")
+        elif not os.access(parent, os.W_OK):
+            problems.append(f"--output: directory {parent} is not writable")
     if problems:
         print("error: " + "; ".join(problems), file=sys.stderr)
         return EXIT_CONFIG
@@ -157,12 +175,17 @@ def main(argv: Optional[List[str]] = None) -> int:
                                   data_path=args.data_path, device=args.device, pgd_steps=args.pgd_steps,
                                   pgd_restarts=args.pgd_restarts, pgd_step_size=step, aa_version=args.aa_version,
                                   log=lambda m: print(m, flush=True))
-    except (ConfigError, ckpt_lib.CheckpointError, FileNotFoundError) as exc:
+    except (ConfigError, ckpt_lib.CheckpointError, DataError, DeviceError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     ckpt = Path(out["checkpoint"])
     dest = args.output or ckpt.parent / f"eval_{ckpt.stem}.json"
-    dest.write_text(json.dumps(out, indent=2))
+    try:
+        dest.write_text(json.dumps(out, indent=2))
+    except OSError as exc:
+        print(json.dumps(out, indent=2))
+        print(f"error: cannot write {dest} ({exc}); the results are printed above", file=sys.stderr)
+        return EXIT_CONFIG
     print(f"written: {dest}")
     return 0
 

@@ -4,17 +4,19 @@ Every evaluation runs the model in eval mode (:class:`EvalMode` restores each su
 afterwards) and keeps its counts on the device until one read at the end. The PGD of
 :func:`robust_accuracy` is :func:`~applications.adversarial.attacks.pgd_attack`: ``PGD-50-10``, step
 ``eps/4``, is the paper's evaluation. :func:`evaluate_clean` and :func:`evaluate_robust` are the run's
-versions: the first ``n`` images, sharded strided over the ranks of a data-parallel run, reduced.
+versions: the first ``n`` images, sharded strided over the ranks of a data-parallel run, reduced, with
+random starts that do not depend on the number of ranks; :func:`evaluate_attack_gap` measures the
+catastrophic-overfitting signature (training attack vs PGD on the same images).
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
-from .attacks import pgd_attack
+from .attacks import Generator, ShardedGenerator, pgd_attack
 from .data import ImageArrays
 from .distributed import DistContext, reduce_sum
 from .seeds import mix_seed
@@ -23,6 +25,7 @@ __all__ = [
     "EvalMode",
     "as_images",
     "autoattack_accuracy",
+    "evaluate_attack_gap",
     "evaluate_clean",
     "evaluate_robust",
     "format_table",
@@ -152,6 +155,24 @@ def _shard_range(n: int, ctx: DistContext) -> Tensor:
     return torch.arange(n)[ctx.rank::ctx.world_size] if ctx.enabled else torch.arange(n)
 
 
+def _local_batches(arrays: ImageArrays, n: int, batch_size: int, ctx: DistContext, device: torch.device
+                   ) -> Iterator[Tuple[int, int, Tensor, Tensor]]:
+    """The batches of the first ``n`` images as one process takes them: ``(k, b, x, y)`` for batch ``k``
+    of ``b`` images, ``x`` (floats in [0, 1] on ``device``) and ``y`` this rank's strided rows of it
+    (all of it on one process); batches where this rank has no rows are skipped."""
+    step, offset = (ctx.world_size, ctx.rank) if ctx.enabled else (1, 0)
+    for k, start in enumerate(range(0, n, int(batch_size))):
+        b = min(int(batch_size), n - start)
+        rows = torch.arange(start + offset, start + b, step, device=arrays.x.device)
+        if len(rows) > 0:
+            yield k, b, as_images(arrays.x.index_select(0, rows), device), arrays.y.index_select(0, rows).to(device)
+
+
+def _batch_generator(gen: torch.Generator, b: int, ctx: DistContext) -> Generator:
+    """``gen`` itself on one process; under data parallelism this rank's rows of a draw for all ``b`` images."""
+    return ShardedGenerator(gen, ctx.rank, ctx.world_size, global_rows=b) if ctx.enabled else gen
+
+
 def evaluate_clean(model: nn.Module, arrays: ImageArrays, batch_size: int, ctx: DistContext,
                    n: Optional[int] = None) -> Tuple[float, int]:
     """Clean accuracy of ``model`` (eval mode) on the first ``n`` images, sharded over ranks.
@@ -173,24 +194,54 @@ def evaluate_clean(model: nn.Module, arrays: ImageArrays, batch_size: int, ctx: 
 def evaluate_robust(model: nn.Module, arrays: ImageArrays, n: Optional[int], eps: float, steps: int, restarts: int,
                     step_size: Optional[float], batch_size: int, seed: int, ctx: DistContext
                     ) -> Dict[str, float]:
-    """Clean and PGD-``steps``-``restarts`` accuracy on the first ``n`` images (:func:`robust_accuracy`),
-    sharded over ranks; the random starts come from a generator seeded with ``seed`` (per rank)."""
+    """Clean and PGD-``steps``-``restarts`` accuracy (step ``step_size``, default eps/4) on the first ``n``
+    images, in batches of ``batch_size``, in eval mode.
+
+    The random starts of batch ``k`` come from a generator seeded with ``mix_seed(seed, k)``; under data
+    parallelism every rank attacks its strided rows of each batch with its rows of that batch's draw,
+    so the numbers do not depend on the number of processes. One host synchronization."""
     n = len(arrays) if n is None else min(n, len(arrays))
-    idx = _shard_range(n, ctx).to(arrays.x.device)
-    device = next(model.parameters()).device
-    counts = torch.zeros(2, dtype=torch.float64)
-    if len(idx) > 0:
-        gen = torch.Generator(device=device)
-        gen.manual_seed(mix_seed(seed, ctx.rank))
-        res = robust_accuracy(model, arrays.x.index_select(0, idx), arrays.y.index_select(0, idx), eps, steps=steps,
-                              restarts=restarts, step_size=step_size, batch_size=batch_size, device=device,
-                              generator=gen)
-        counts = torch.tensor([round(res["clean_acc"] * res["n"]), round(res["robust_acc"] * res["n"])],
-                              dtype=torch.float64)
-    if ctx.enabled:
-        counts = reduce_sum(counts.to(ctx.device), ctx).cpu()
-    clean, robust = counts.tolist()
+    device = model_device(model)
+    counts = torch.zeros(2, dtype=torch.float64, device=device)
+    gen = torch.Generator(device=device)
+    with EvalMode(model), torch.no_grad():
+        for k, b, x, y in _local_batches(arrays, n, batch_size, ctx, device):
+            counts[0] += (model(x).argmax(1) == y).sum()
+            gen.manual_seed(mix_seed(seed, k))
+            delta = pgd_attack(model, x, y, eps, steps, step_size=step_size, restarts=restarts,
+                               generator=_batch_generator(gen, b, ctx))
+            counts[1] += (model(x + delta).argmax(1) == y).sum()
+    clean, robust = reduce_sum(counts, ctx).tolist()
     return {"clean_acc": clean / max(n, 1), "robust_acc": robust / max(n, 1), "n": n}
+
+
+def evaluate_attack_gap(model: nn.Module, method: Any, arrays: ImageArrays, n: Optional[int], eps: float, steps: int,
+                        restarts: int, step_size: Optional[float], batch_size: int, seed: int, ctx: DistContext
+                        ) -> Dict[str, float]:
+    """Accuracy on the same first ``n`` images under the training method's own perturbation
+    (``method.perturbation``) and under PGD-``steps``-``restarts``, in eval mode: the catastrophic-
+    overfitting signature is a network right under its training attack and wrong under PGD.
+
+    Random draws as in :func:`evaluate_robust` (batch ``k``: ``mix_seed(seed, k, 0)`` for the method,
+    ``mix_seed(seed, k, 1)`` for PGD), independent of the number of processes. Returns
+    ``{"attack_acc", "pgd_acc", "n"}``; one host synchronization."""
+    n = len(arrays) if n is None else min(n, len(arrays))
+    device = model_device(model)
+    counts = torch.zeros(2, dtype=torch.float64, device=device)
+    gen = torch.Generator(device=device)
+    with EvalMode(model):
+        for k, b, x, y in _local_batches(arrays, n, batch_size, ctx, device):
+            gen.manual_seed(mix_seed(seed, k, 0))
+            with torch.enable_grad():
+                delta = method.perturbation(model, x, y, generator=_batch_generator(gen, b, ctx)).detach()
+            with torch.no_grad():
+                counts[0] += (model(x + delta).argmax(1) == y).sum()
+                gen.manual_seed(mix_seed(seed, k, 1))
+                delta = pgd_attack(model, x, y, eps, steps, step_size=step_size, restarts=restarts,
+                                   generator=_batch_generator(gen, b, ctx))
+                counts[1] += (model(x + delta).argmax(1) == y).sum()
+    attack, pgd = reduce_sum(counts, ctx).tolist()
+    return {"attack_acc": attack / max(n, 1), "pgd_acc": pgd / max(n, 1), "n": n}
 
 
 def format_table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:

@@ -15,6 +15,12 @@ Epoch t is *collapsed* when all hold:
 * ``robust_t < drop_ratio * R*`` or ``robust_t <= min_robust_acc`` (robust accuracy collapsed),
 * ``clean_t >= clean_ratio * C*`` (clean accuracy held: a global divergence, where both fall, is not CO).
 
+A second signature needs no earlier robustness (a run can overfit from its first epoch, e.g. FGSM
+with a large step, and never reach a reference level): on the same batch of training images, the
+accuracy under the method's own training attack ``A_t`` and under PGD ``P_t``. Epoch t is also
+collapsed when ``A_t >= min_clean_acc`` and ``A_t - P_t >= max_attack_gap``: the network defeats the
+attack it is trained on, not a stronger one (the gap monitored by Wong et al. 2020; Kim et al. 2021).
+
 CO is detected once ``patience`` consecutive epochs are collapsed; :attr:`CatastrophicOverfitting.epoch`
 records the first epoch of that streak (the onset) and :attr:`~CatastrophicOverfitting.detected_at`
 the epoch where it was confirmed. Accuracies are fractions in ``[0, 1]``.
@@ -31,7 +37,8 @@ __all__ = ["CatastrophicOverfitting", "detect_in_stream"]
 _STATE_KEYS = ("detected", "epoch", "detected_at", "best_clean", "best_robust", "best_robust_epoch",
                "streak", "streak_start", "collapse_clean", "collapse_robust")
 # added later: absent from older checkpoints, restored as None
-_OPTIONAL_STATE_KEYS = ("reference_robust", "reference_robust_epoch", "reference_clean")
+_OPTIONAL_STATE_KEYS = ("reference_robust", "reference_robust_epoch", "reference_clean", "signature",
+                        "collapse_attack_acc", "collapse_attack_pgd_acc")
 
 
 @dataclass
@@ -51,6 +58,9 @@ class CatastrophicOverfitting:
             from being the "best" that the next epochs are flagged against. 0.5 suits 10-class
             tasks where adversarial training reaches 0.7-0.9 clean accuracy (MNIST, digits,
             CIFAR-10); lower it for harder tasks (CIFAR-100, ~0.5 clean), 0 restores the rule without it.
+        max_attack_gap (0.5): an epoch is also collapsed when, on the same training images, accuracy
+            under the training attack is at least ``min_clean_acc`` and exceeds accuracy under PGD by at
+            least this (the gap signature; only when :meth:`update` gets both accuracies).
 
     After a detection, ``reference_robust`` / ``reference_robust_epoch`` / ``reference_clean`` keep the
     best accuracies as they were before the drop (``best_*`` go on tracking later epochs).
@@ -62,6 +72,7 @@ class CatastrophicOverfitting:
     patience: int = 1
     min_best_robust_acc: float = 0.05
     min_clean_acc: float = 0.5
+    max_attack_gap: float = 0.5
 
     detected: bool = field(default=False, init=False)
     epoch: Optional[int] = field(default=None, init=False)
@@ -76,6 +87,9 @@ class CatastrophicOverfitting:
     reference_robust: Optional[float] = field(default=None, init=False)
     reference_robust_epoch: Optional[int] = field(default=None, init=False)
     reference_clean: Optional[float] = field(default=None, init=False)
+    signature: Optional[str] = field(default=None, init=False)  # "drop" or "gap": the rule that detected CO
+    collapse_attack_acc: Optional[float] = field(default=None, init=False)
+    collapse_attack_pgd_acc: Optional[float] = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.drop_ratio <= 1.0:
@@ -91,6 +105,9 @@ class CatastrophicOverfitting:
         if isinstance(self.min_clean_acc, bool) or not isinstance(self.min_clean_acc, (int, float)) \
                 or not 0.0 <= self.min_clean_acc <= 1.0:
             raise ValueError(f"min_clean_acc must be a number in [0, 1], got {self.min_clean_acc!r}")
+        if isinstance(self.max_attack_gap, bool) or not isinstance(self.max_attack_gap, (int, float)) \
+                or not 0.0 < self.max_attack_gap <= 1.0:
+            raise ValueError(f"max_attack_gap must be a number in (0, 1], got {self.max_attack_gap!r}")
 
     @staticmethod
     def _check(name: str, value: float) -> float:
@@ -106,8 +123,17 @@ class CatastrophicOverfitting:
         robust_drop = robust_acc < self.drop_ratio * self.best_robust or robust_acc <= self.min_robust_acc
         return robust_drop and clean_acc >= self.clean_ratio * self.best_clean
 
-    def update(self, epoch: int, clean_acc: float, robust_acc: float) -> bool:
-        """Record epoch ``epoch``'s validation accuracies; True when CO is detected (confirmed) at this epoch.
+    def has_gap(self, attack_acc: Optional[float], attack_pgd_acc: Optional[float]) -> bool:
+        """Whether accuracies under the training attack and under PGD (same images) show the gap signature."""
+        if attack_acc is None or attack_pgd_acc is None:
+            return False
+        return attack_acc >= self.min_clean_acc and attack_acc - attack_pgd_acc >= self.max_attack_gap
+
+    def update(self, epoch: int, clean_acc: float, robust_acc: float, attack_acc: Optional[float] = None,
+               attack_pgd_acc: Optional[float] = None) -> bool:
+        """Record epoch ``epoch``'s validation accuracies (and, optionally, the accuracies under the
+        training attack and under PGD on one batch of training images); True when CO is detected
+        (confirmed) at this epoch.
 
         Returns True at every epoch where ``patience`` consecutive collapsed epochs end; the first such
         event sets :attr:`detected`, :attr:`epoch` (onset) and :attr:`detected_at`, which then stay fixed.
@@ -115,8 +141,14 @@ class CatastrophicOverfitting:
         """
         clean_acc = self._check("clean_acc", clean_acc)
         robust_acc = self._check("robust_acc", robust_acc)
+        if attack_acc is not None:
+            attack_acc = self._check("attack_acc", attack_acc)
+        if attack_pgd_acc is not None:
+            attack_pgd_acc = self._check("attack_pgd_acc", attack_pgd_acc)
         epoch = int(epoch)
-        if self.is_collapsed(clean_acc, robust_acc):
+        drop = self.is_collapsed(clean_acc, robust_acc)
+        gap = self.has_gap(attack_acc, attack_pgd_acc)
+        if drop or gap:
             if self.streak == 0:
                 self.streak_start = epoch
             self.streak += 1
@@ -128,6 +160,8 @@ class CatastrophicOverfitting:
             self.collapse_clean, self.collapse_robust = clean_acc, robust_acc
             self.reference_robust, self.reference_robust_epoch = self.best_robust, self.best_robust_epoch
             self.reference_clean = self.best_clean
+            self.signature = "drop" if drop else "gap"
+            self.collapse_attack_acc, self.collapse_attack_pgd_acc = attack_acc, attack_pgd_acc
         if self.best_clean is None or clean_acc > self.best_clean:
             self.best_clean = clean_acc
         if clean_acc >= self.min_clean_acc and (self.best_robust is None or robust_acc > self.best_robust):
@@ -138,6 +172,12 @@ class CatastrophicOverfitting:
         """One line for the log."""
         if not self.detected:
             return "no catastrophic overfitting detected"
+        if self.signature == "gap":
+            a, p = float(self.collapse_attack_acc), float(self.collapse_attack_pgd_acc)
+            return (f"catastrophic overfitting at epoch {self.epoch} (confirmed at epoch {self.detected_at}): on "
+                    f"training images the training attack leaves accuracy {a:.4f} but PGD leaves {p:.4f} (gap "
+                    f"{a - p:.4f} >= {self.max_attack_gap:g}): the network defeats its training attack only; "
+                    f"validation robust accuracy {self.collapse_robust:.4f} at clean {self.collapse_clean:.4f}")
         robust = self.best_robust if self.reference_robust is None else self.reference_robust
         robust_epoch = self.best_robust_epoch if self.reference_robust is None else self.reference_robust_epoch
         clean = self.best_clean if self.reference_clean is None else self.reference_clean
@@ -151,7 +191,8 @@ class CatastrophicOverfitting:
         state = {k: getattr(self, k) for k in _STATE_KEYS + _OPTIONAL_STATE_KEYS}
         state["options"] = {"drop_ratio": self.drop_ratio, "min_robust_acc": self.min_robust_acc,
                             "clean_ratio": self.clean_ratio, "patience": self.patience,
-                            "min_best_robust_acc": self.min_best_robust_acc, "min_clean_acc": self.min_clean_acc}
+                            "min_best_robust_acc": self.min_best_robust_acc, "min_clean_acc": self.min_clean_acc,
+                            "max_attack_gap": self.max_attack_gap}
         return state
 
     def load_state_dict(self, d: Mapping[str, Any]) -> None:

@@ -20,7 +20,7 @@ __all__ = ["METRIC_FIELDS", "RUN_FILES", "TENSORBOARD_DIR", "TensorBoardScalars"
 
 #: The columns of metrics.csv.
 METRIC_FIELDS = ("epoch", "step", "lr", "train_loss", "train_acc", "val_clean_acc", "val_robust_acc", "val_robust_n",
-                 "epoch_time_s", "eval_time_s", "co_collapsed", "is_best")
+                 "train_attack_acc", "train_pgd_acc", "epoch_time_s", "eval_time_s", "co_collapsed", "is_best")
 #: Files of a run directory that a fresh run (``output.overwrite``) removes first.
 RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "metrics.csv", "plot.png", "results.json", "train.log")
 #: Sub-directory of a run that holds its TensorBoard event files.
@@ -85,13 +85,15 @@ class TensorBoardScalars:
     """The per-epoch record as TensorBoard scalars (``tensorboard --logdir runs``), at step = epoch.
 
     Tags: ``train/loss``, ``train/accuracy``, ``train/lr``, ``val/clean_accuracy``, ``val/robust_accuracy``,
-    ``time/epoch_s``, ``time/eval_s``. ``purge_step`` (a resumed run: the first epoch it trains) hides the
-    events a crashed run wrote for the epochs it repeats. Needs the ``tensorboard`` package
+    ``co/train_attack_accuracy``, ``co/train_pgd_accuracy``, ``time/epoch_s``, ``time/eval_s``. ``purge_step``
+    (a resumed run: the first epoch it trains) hides the events a crashed run wrote for the epochs it
+    repeats. Needs the ``tensorboard`` package
     (``torch.utils.tensorboard``).
     """
 
     TAGS = {"train_loss": "train/loss", "train_acc": "train/accuracy", "lr": "train/lr",
             "val_clean_acc": "val/clean_accuracy", "val_robust_acc": "val/robust_accuracy",
+            "train_attack_acc": "co/train_attack_accuracy", "train_pgd_acc": "co/train_pgd_accuracy",
             "epoch_time_s": "time/epoch_s", "eval_time_s": "time/eval_s"}
 
     def __init__(self, log_dir: Path, purge_step: Optional[int] = None) -> None:

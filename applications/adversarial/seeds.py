@@ -10,12 +10,14 @@ __all__ = ["Stream", "mix_seed"]
 class Stream(enum.IntEnum):
     """The tag that separates a run's random streams: ``mix_seed(seed, Stream.DATA, epoch)`` orders and
     augments epoch ``epoch``; ``METHOD`` seeds the methods' random starts; ``VAL`` and ``TEST`` the
-    random starts of the validation and test attacks (re-seeded for every evaluation)."""
+    random starts of the validation and test attacks (re-seeded for every evaluation); ``CHECK`` the
+    catastrophic-overfitting check on training images (``mix_seed(seed, Stream.CHECK, epoch)``)."""
 
     DATA = 1
     METHOD = 2
     VAL = 3
     TEST = 4
+    CHECK = 5
 
 
 def mix_seed(seed: int, *tags: int) -> int:

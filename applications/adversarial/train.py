@@ -13,8 +13,10 @@ anything but the model, the dataset and the method/eps, which must match the che
 ``train.epochs=30`` extends a run, and the cyclic schedule is then recomputed over the new length).
 ``train.batch_size`` is the global batch, split evenly over torchrun's processes.
 
-Exit codes: 0 done, 2 invalid configuration / unusable run directory or checkpoint, 3 training diverged
-(NaN/Inf loss; the last good checkpoint is kept).
+Exit codes: 0 done; 2 invalid configuration, unusable run directory or checkpoint, unreadable data
+(the message names the file), an output folder that cannot be written (full, read-only), an
+unavailable device; 3 training diverged (a NaN/Inf or exploding loss, or exploding weights; the
+diverged epoch is not saved, the last good checkpoint is kept). Errors are one line on stderr.
 """
 
 from __future__ import annotations
@@ -28,7 +30,16 @@ from typing import List, Optional
 
 from applications.adversarial.checkpoint import CheckpointError, load
 from applications.adversarial.config import EXIT_CONFIG, QUICKSTART, ConfigError, load_config, read_yaml
-from applications.adversarial.trainer import EXIT_DIVERGED, ConsoleHandler, RunDirError, TrainingDiverged, train
+from applications.adversarial.data import DataError
+from applications.adversarial.distributed import DeviceError
+from applications.adversarial.trainer import (
+    EXIT_DIVERGED,
+    ConsoleHandler,
+    RunDirError,
+    TrainingDiverged,
+    resumable_checkpoint,
+    train,
+)
 
 __all__ = ["build_parser", "log_to_console", "main"]
 
@@ -61,10 +72,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     log_to_console()
     try:
         if args.resume is not None:
-            last = args.resume / "last.pt"
-            if not last.is_file():
-                raise RunDirError(f"cannot resume: {last} does not exist")
-            base = load(last)["config"]
+            base = load(resumable_checkpoint(args.resume))["config"]
             if args.config is not None:
                 base = read_yaml(args.config)
             cfg = load_config(None, args.overrides, base=base)
@@ -75,7 +83,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    except (RunDirError, CheckpointError, FileNotFoundError, ImportError) as exc:
+    except (RunDirError, CheckpointError, DataError, DeviceError, ImportError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except TrainingDiverged as exc:

@@ -22,7 +22,7 @@ uninterrupted one bit for bit.
 Data parallelism (``torchrun --nproc_per_node W``): ``train.batch_size`` is the GLOBAL batch; every rank
 draws the same permutation and augmentation and takes its strided rows. The step calls
 ``method.loss(ddp_model, x, y, attack_model=module)`` (why: :mod:`~applications.adversarial.methods`).
-DDP is built with ``broadcast_buffers=False``, so each rank keeps its own BatchNorm running statistics
+DDP does not sync buffers in forward (``wrap_model(sync_buffers=False)``), so each rank keeps its own BatchNorm running statistics
 during the epoch; they are averaged over ranks after every epoch. Only rank 0 writes files.
 
 The log goes through :mod:`logging` (logger ``applications.adversarial.trainer``); during :meth:`Trainer.run`
@@ -32,8 +32,10 @@ rank 0 also appends it to the run's ``train.log``.
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import logging
+import math
 import random
 import shutil
 import sys
@@ -52,7 +54,7 @@ from .attacks import ShardedGenerator
 from .build import build_run_model, load_run_data
 from .config import Config, ConfigError, config_to_dict
 from .data import Augment, DeviceLoader
-from .evaluation import evaluate_clean, evaluate_robust, format_table
+from .evaluation import evaluate_attack_gap, evaluate_clean, evaluate_robust, format_table
 from .methods import build_method
 from .overfitting import CatastrophicOverfitting
 from .records import RUN_FILES, TENSORBOARD_DIR, TensorBoardScalars, write_json, write_metrics, write_plot
@@ -66,6 +68,7 @@ __all__ = [
     "RunDirError",
     "Trainer",
     "TrainingDiverged",
+    "resumable_checkpoint",
     "train",
 ]
 
@@ -78,18 +81,46 @@ logger = logging.getLogger(__name__)
 
 
 class TrainingDiverged(RuntimeError):
-    """The training loss became NaN/Inf at ``epoch`` (1-based), step ``step_in_epoch`` (1-based) of
-    that epoch, global optimizer step ``step`` (1-based). ``last_good`` is the checkpoint left intact."""
+    """Training diverged at ``epoch`` (1-based); nothing of that epoch was saved. ``last_good`` is the
+    checkpoint left intact (None before the first one). A non-finite loss is located at step
+    ``step_in_epoch`` of the epoch, global optimizer step ``step`` (1-based); a finite blow-up (``reason``:
+    a loss far above its running level, or huge weights) is found at the end of the epoch."""
 
-    def __init__(self, epoch: int, step_in_epoch: int, step: int, last_good: Optional[Path]) -> None:
+    def __init__(self, epoch: int, step_in_epoch: Optional[int], step: Optional[int], last_good: Optional[Path],
+                 reason: Optional[str] = None, run_dir: Optional[Path] = None) -> None:
         self.epoch, self.step_in_epoch, self.step, self.last_good = epoch, step_in_epoch, step, last_good
-        where = f"last good checkpoint: {last_good}" if last_good else "no checkpoint yet (diverged in the first epoch)"
-        super().__init__(f"training diverged: non-finite loss at epoch {epoch}, step {step_in_epoch} "
-                         f"(global step {step}); stopped without saving; {where}. Lower train.lr_max or check the data.")
+        if reason is None:
+            head = (f"training diverged: non-finite loss at epoch {epoch}, step {step_in_epoch} (global step {step}); "
+                    "stopped without saving")
+        else:
+            head = f"training diverged at epoch {epoch}: {reason}; the epoch was not saved"
+        if last_good is not None:
+            where = (f"last good checkpoint: {last_good} (epoch {epoch - 1}). Continue from it with a lower learning "
+                     f"rate: --resume {run_dir or last_good.parent} train.lr_max=<smaller>, or check the data")
+        else:
+            where = "no checkpoint yet (diverged in the first epoch). Lower train.lr_max or check the data"
+        super().__init__(f"{head}; {where}.")
 
 
 class RunDirError(RuntimeError):
-    """The run directory cannot be used (holds a checkpoint of another run, or lacks one to resume)."""
+    """The run directory cannot be used (holds a checkpoint of another run, lacks one to resume, or
+    cannot be written)."""
+
+
+def resumable_checkpoint(run_dir: Path) -> Path:
+    """``run_dir/last.pt``, the checkpoint ``--resume`` continues from.
+
+    Raises:
+        RunDirError: it does not exist (saying whether the run was stopped before its first checkpoint).
+    """
+    last = Path(run_dir) / "last.pt"
+    if last.is_file():
+        return last
+    if Path(run_dir).is_dir() and any((Path(run_dir) / n).exists() for n in ("config.yaml", "train.log", "best.pt")):
+        raise RunDirError(f"cannot resume: {last} does not exist (the run was stopped before its first checkpoint "
+                          f"was complete); start it again without --resume (with output.overwrite=true if "
+                          f"{Path(run_dir) / 'best.pt'} exists)")
+    raise RunDirError(f"cannot resume: {last} does not exist")
 
 
 class ConsoleHandler(logging.Handler):
@@ -152,32 +183,46 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------- setup
 
-    def _prepare_run_dir(self) -> None:
+    def _on_main(self, action: Any) -> None:
+        """Runs ``action`` on rank 0; a RunDirError (or an OSError, as one) there is raised on every rank."""
         error = None
         if self.ctx.is_main:
             try:
-                self._prepare_run_dir_main()
+                action()
             except RunDirError as exc:
                 error = str(exc)
+            except OSError as exc:
+                error = f"cannot write to the run directory {self.run_dir}: {exc}"
         error = dist_lib.broadcast_object(error, self.ctx)  # every rank fails together
         if error:
             raise RunDirError(error)
 
-    def _prepare_run_dir_main(self) -> None:
-        last = self.run_dir / "last.pt"
+    def _check_run_dir(self) -> None:
+        """Before anything is loaded: the directory can hold this run. Nothing is written."""
+        last, best = self.run_dir / "last.pt", self.run_dir / "best.pt"
         if self.resume:
-            if not last.is_file():
-                raise RunDirError(f"cannot resume: {last} does not exist")
-        elif last.is_file() or (self.run_dir / "best.pt").is_file():
-            if not self.cfg.output.overwrite:
+            resumable_checkpoint(self.run_dir)
+        elif (last.is_file() or best.is_file()) and not self.cfg.output.overwrite:
+            if last.is_file():
                 raise RunDirError(f"run directory {self.run_dir} already holds a checkpoint; resume it with "
                                   f"--resume {self.run_dir}, choose another output.name, or set output.overwrite=true")
+            raise RunDirError(f"run directory {self.run_dir} holds best.pt but no last.pt (it cannot be resumed); "
+                              "set output.overwrite=true to start it again, or choose another output.name")
+
+    def _open_run_dir(self) -> None:
+        """Once the run is ready to train (data loaded, model built, checkpoint accepted): clears an
+        overwritten run, removes temporaries of killed writes, writes config.yaml."""
+        if not self.resume and self.cfg.output.overwrite:
             for name in RUN_FILES:
                 p = self.run_dir / name
                 if p.exists():
                     p.unlink()
+            for p in self.run_dir.glob("eval_*.json"):  # evaluations of the replaced checkpoints
+                p.unlink()
             shutil.rmtree(self.run_dir / TENSORBOARD_DIR, ignore_errors=True)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        for p in ckpt_lib.remove_stale_temporaries(self.run_dir):
+            self.notes.append(f"removed {p.name}, left by a write that was killed")
         (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False))
 
     def _setup(self) -> None:
@@ -201,7 +246,7 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         # identical initialization anyway; DDP's constructor also broadcasts rank 0's parameters and buffers
         self.attack_model: nn.Module = self.model
-        self.train_model: nn.Module = dist_lib.wrap_model(self.model, ctx, broadcast_buffers=False)
+        self.train_model: nn.Module = dist_lib.wrap_model(self.model, ctx, sync_buffers=False)
         if cfg.train.compile:
             self.attack_model = torch.compile(self.model)  # type: ignore[assignment]
             self.train_model = (torch.compile(self.train_model)  # type: ignore[assignment]
@@ -227,6 +272,9 @@ class Trainer:
         self.best_epoch: Optional[int] = None
         self.history: List[Dict[str, Any]] = []
         self.co_stop = False
+        self.wall_before = 0.0  # wall time of the processes before this one (resumed runs)
+        self._resumed_from: Optional[Path] = None
+        self._rewrite_best = False
 
     def _load_resume(self) -> None:
         path = self.run_dir / "last.pt"
@@ -234,6 +282,12 @@ class Trainer:
         ckpt_lib.check_compatible(ck.get("config", {}), config_to_dict(self.cfg))
         if ck.get("format") != CHECKPOINT_FORMAT or ck.get("kind") != "last":
             raise ckpt_lib.CheckpointError(f"{path} is not a resumable last-checkpoint of this trainer")
+        saved_info = ck.get("data_info") or {}
+        diffs = [f"{k}: saved={saved_info[k]!r} new={self.data.info[k]!r}" for k in ("num_classes", "channels")
+                 if k in saved_info and saved_info[k] != self.data.info[k]]
+        if diffs:
+            raise ckpt_lib.CheckpointError(f"checkpoint {path} is incompatible with the data of data.path="
+                                           f"{self.cfg.data.path} ({'; '.join(diffs)}); resume with the run's data")
         self.model.load_state_dict(ck["model"])
         self.optimizer.load_state_dict(ck["optimizer"])
         if self.scaler is not None and ck.get("scaler"):
@@ -242,7 +296,8 @@ class Trainer:
         self.best_val_robust = float(ck["best_val_robust_acc"])
         self.best_epoch = ck.get("best_epoch")
         self.history = [dict(r) for r in ck.get("history", [])]
-        self.co_stop = bool(ck.get("co_stop", False))
+        self.wall_before = float(ck.get("wall_time_s", sum(r.get("epoch_time_s", 0.0) for r in self.history)))
+        self.co_stop = bool(ck.get("co_stop", False)) and self.cfg.co.early_stop  # lifted by co.early_stop=false
         if self.co is not None and ck.get("co") is not None:
             self.co.load_state_dict(ck["co"])
         states = ck.get("rng") or []
@@ -259,10 +314,31 @@ class Trainer:
             self.notes.append(f"checkpoint written by {saved_world} process(es), resumed with {self.ctx.world_size}: "
                               "random generators re-seeded (the run will not be bit-identical)")
             self.method_gen.manual_seed(mix_seed(self.cfg.seed, Stream.METHOD, 0, self.epoch))
-        if self.ctx.is_main:  # metrics files follow the checkpoint (a crash may have left a newer line)
-            self.history = [r for r in self.history if r["epoch"] <= self.epoch]
-            write_metrics(self.run_dir, self.history)
-        self.log(f"resumed from {path}: {self.epoch} epoch(s), {self.step} step(s) done")
+        self.history = [r for r in self.history if r["epoch"] <= self.epoch]
+        self._resumed_from = path
+        self._reconcile_best(ck)
+
+    def _reconcile_best(self, ck: Dict[str, Any]) -> None:
+        """best.pt agrees with the resumed state. last.pt is written before best.pt, so a kill between
+        the two leaves a best epoch that is the last epoch, whose weights are last.pt's: best.pt is written
+        again from them. A best.pt of another epoch (older runs wrote best.pt first) is kept, and its own
+        epoch and score become the best so far."""
+        if self.best_epoch is None:
+            return
+        path = self.run_dir / "best.pt"
+        best = ckpt_lib.load(path, map_location="cpu") if path.is_file() else None
+        if best is not None and best.get("epoch") == self.best_epoch:
+            return
+        if self.best_epoch == self.epoch:
+            self._rewrite_best = True
+        elif best is not None:
+            self.notes.append(f"best.pt holds epoch {best.get('epoch')}, not the recorded best epoch {self.best_epoch}: "
+                              "kept as the best checkpoint")
+            self.best_epoch = int(best["epoch"])
+            self.best_val_robust = float(best.get("val_score", best.get("val_robust_acc") or 0.0))
+        else:
+            self.notes.append(f"best.pt (epoch {self.best_epoch}) is missing; the next best epoch writes it")
+            self.best_epoch, self.best_val_robust = None, -1.0
 
     # ----------------------------------------------------------------------------------- checkpoints
 
@@ -280,6 +356,7 @@ class Trainer:
             "best_val_robust_acc": self.best_val_robust, "best_epoch": self.best_epoch,
             "co": self.co.state_dict() if self.co is not None else None, "co_stop": self.co_stop,
             "history": self.history, "rng": rng, "world_size": self.ctx.world_size,
+            "wall_time_s": self.wall_before + time.perf_counter() - self.wall0,
         }, self.run_dir / "last.pt")
 
     def _save_best(self, record: Dict[str, Any]) -> None:
@@ -287,7 +364,20 @@ class Trainer:
             "format": CHECKPOINT_FORMAT, "kind": "best", "config": config_to_dict(self.cfg),
             "data_info": self.data.info, "epoch": self.epoch, "step": self.step, "model": self.model.state_dict(),
             "val_clean_acc": record["val_clean_acc"], "val_robust_acc": record["val_robust_acc"],
+            "val_score": self.best_val_robust,
         }, self.run_dir / "best.pt")
+
+    def _write_epoch(self, record: Dict[str, Any], rng: List[Dict[str, Any]]) -> None:
+        """Rank 0: the epoch's metrics, plot, scalars, last.pt and (a best epoch) best.pt."""
+        cfg = self.cfg
+        write_metrics(self.run_dir, self.history)
+        write_plot(self.run_dir / "plot.png", self.history, f"{cfg.method.name} / {cfg.model.name} / "
+                    f"{cfg.data.name}, eps {cfg.eps:.4g}")
+        if self.scalars is not None:
+            self.scalars.add(record)
+        self._save_last(rng)  # first: a kill before best.pt is repaired from last.pt (_reconcile_best)
+        if record["is_best"]:
+            self._save_best(record)
 
     # ----------------------------------------------------------------------------------- one epoch
 
@@ -381,13 +471,26 @@ class Trainer:
             r = evaluate_robust(self.model, val, cfg.eval.val_n, cfg.eps, cfg.eval.val_steps, cfg.eval.val_restarts,
                                 cfg.eval.val_step_size, cfg.eval.batch_size, mix_seed(cfg.seed, Stream.VAL), self.ctx)
             out.update(val_robust_acc=r["robust_acc"], val_robust_n=r["n"])
+            if self.co is not None and float(getattr(self.method, "eps", 0.0) or 0.0) > 0:
+                gap = evaluate_attack_gap(self.model, self.method, self.data.train, cfg.eval.val_n, cfg.eps,
+                                          cfg.eval.val_steps, cfg.eval.val_restarts, cfg.eval.val_step_size,
+                                          cfg.eval.batch_size, mix_seed(cfg.seed, Stream.CHECK, self.epoch), self.ctx)
+                out.update(train_attack_acc=gap["attack_acc"], train_pgd_acc=gap["pgd_acc"])
         return out
 
     # ----------------------------------------------------------------------------------- run
 
     def run(self) -> Dict[str, Any]:
-        """Trains to the end (or resumes and finishes), then evaluates; returns the results dict."""
-        self._prepare_run_dir()
+        """Trains to the end (or resumes and finishes), then evaluates; returns the results dict.
+
+        Nothing is written before the data is loaded, the model built and the checkpoint to resume
+        accepted; only then is an overwritten run cleared and config.yaml written."""
+        self.wall0 = time.perf_counter()
+        self._on_main(self._check_run_dir)
+        self._setup()
+        if self.resume:
+            self._load_resume()
+        self._on_main(self._open_run_dir)
         handler: Optional[logging.Handler] = None
         if self.ctx.is_main:  # train.log: this run's messages, appended
             handler = logging.FileHandler(self.run_dir / "train.log")
@@ -405,12 +508,47 @@ class Trainer:
                 logger.removeHandler(handler)
                 handler.close()
 
+    def _nothing_to_train(self) -> Optional[str]:
+        """Why the loop will not train another epoch, or None."""
+        cfg = self.cfg
+        if self.co_stop:
+            where = f" (catastrophic overfitting at epoch {self.co.epoch})" if self.co is not None else ""
+            return (f"the run was stopped by co.early_stop after epoch {self.epoch}{where}; resume with "
+                    "co.early_stop=false to train on")
+        if self.epoch >= cfg.train.epochs or self.step >= self.total_steps:
+            return (f"{self.epoch} of train.epochs={cfg.train.epochs} epoch(s) and {self.step} of {self.total_steps} "
+                    "step(s) are done; raise train.epochs (or train.max_steps) to extend the run")
+        return None
+
+    def _check_divergence(self, stats: Dict[str, Any]) -> None:
+        """A finite blow-up, before anything of the epoch is saved: a train loss more than
+        ``train.divergence_factor`` times its running level max(ln K, the lowest loss of the earlier
+        epochs), or a weight of magnitude above ``train.max_weight`` (or non-finite)."""
+        t = self.cfg.train
+        reason = None
+        floor = math.log(max(int(self.data.info["num_classes"]), 2))  # the loss of a uniform guess
+        level = max(floor, min((r["train_loss"] for r in self.history), default=floor))
+        loss = stats["train_loss"]
+        if not math.isfinite(loss) or loss > t.divergence_factor * level:
+            reason = (f"train loss {loss:.3g} is more than train.divergence_factor={t.divergence_factor:g} times its "
+                      f"running level {level:.3g}")
+        else:
+            biggest = float(torch.stack([p.detach().abs().max() for p in self.params]).max())
+            if not biggest <= t.max_weight:
+                reason = f"a weight reached {biggest:.3g} (train.max_weight={t.max_weight:g})"
+        if reason is not None:
+            last = self.run_dir / "last.pt"
+            raise TrainingDiverged(self.epoch + 1, None, None, last if last.is_file() else None, reason=reason,
+                                   run_dir=self.run_dir)
+
     def _run(self) -> Dict[str, Any]:
-        wall0 = time.perf_counter()
         cfg, ctx = self.cfg, self.ctx
-        self._setup()
-        if self.resume:
-            self._load_resume()
+        if self.resume and ctx.is_main:  # metrics files follow the checkpoint (a crash may have left a newer line)
+            write_metrics(self.run_dir, self.history)
+            if self._rewrite_best:
+                self._save_best(self.history[-1])
+        if self._resumed_from is not None:
+            self.log(f"resumed from {self._resumed_from}: {self.epoch} epoch(s), {self.step} step(s) done")
         if cfg.output.tensorboard and ctx.is_main:  # a resumed run hides the events of the epochs it repeats
             self.scalars = TensorBoardScalars(self.run_dir / TENSORBOARD_DIR,
                                               purge_step=self.epoch + 1 if self.resume else None)
@@ -420,14 +558,18 @@ class Trainer:
                  f"{len(self.data.val) if self.data.val is not None else 0} val / {len(self.data.test)} test), "
                  f"model {cfg.model.name}, eps {cfg.eps:.5g}, {self.spe} steps/epoch, {self.total_steps} steps, "
                  f"device {self.device}, {ctx.world_size} process(es)")
+        idle = self._nothing_to_train()
+        if idle is not None:
+            self.log(f"nothing to train: {idle}")
         train_time = sum(r.get("epoch_time_s", 0.0) for r in self.history)
         epochs = _progress(range(self.epoch, cfg.train.epochs), self.progress, desc="epochs", unit="epoch",
                            initial=self.epoch, total=cfg.train.epochs)
         for _ in epochs:
-            if self.step >= self.total_steps or self.co_stop:
+            if self._nothing_to_train() is not None:
                 break
             t0 = time.perf_counter()
             stats = self._train_epoch()
+            self._check_divergence(stats)
             t1 = time.perf_counter()
             val = self._validate()
             t2 = time.perf_counter()
@@ -442,25 +584,20 @@ class Trainer:
                 self.best_val_robust, self.best_epoch = float(score), self.epoch
                 record["is_best"] = True
             if self.co is not None and val["val_robust_acc"] is not None:
-                fired = self.co.update(self.epoch, val["val_clean_acc"], val["val_robust_acc"])
+                fired = self.co.update(self.epoch, val["val_clean_acc"], val["val_robust_acc"],
+                                       attack_acc=val.get("train_attack_acc"), attack_pgd_acc=val.get("train_pgd_acc"))
                 record["co_collapsed"] = bool(fired)
                 if fired and self.co.detected_at == self.epoch:
+                    for earlier in self.history:  # the streak from the onset on (patience > 1)
+                        if earlier["epoch"] >= self.co.epoch:
+                            earlier["co_collapsed"] = True
                     self.log(f"WARNING: {self.co.message()}")
                     if cfg.co.early_stop:
                         self.co_stop = True
                         self.log("co.early_stop: stopping training")
             self.history.append(record)
             rng = self._rng_states()
-            if ctx.is_main:
-                write_metrics(self.run_dir, self.history)
-                write_plot(self.run_dir / "plot.png", self.history, f"{cfg.method.name} / {cfg.model.name} / "
-                            f"{cfg.data.name}, eps {cfg.eps:.4g}")
-                if self.scalars is not None:
-                    self.scalars.add(record)
-                if record["is_best"]:
-                    self._save_best(record)
-                self._save_last(rng)
-            dist_lib.barrier(ctx)
+            self._on_main(functools.partial(self._write_epoch, record, rng))
             vc, vr = record["val_clean_acc"], record["val_robust_acc"]
             self.log(f"epoch {self.epoch:3d}/{cfg.train.epochs}  step {self.step:6d}  lr {stats['lr']:.4f}  "
                      f"train loss {stats['train_loss']:.4f} acc {stats['train_acc']:.4f}  "
@@ -468,7 +605,7 @@ class Trainer:
                      f"({t1 - t0:.1f}s + eval {t2 - t1:.1f}s){'  *best' if record['is_best'] else ''}")
         if hasattr(epochs, "close"):
             epochs.close()
-        return self._final(train_time, time.perf_counter() - wall0)
+        return self._final(train_time, self.wall_before + time.perf_counter() - self.wall0)
 
     def _final(self, train_time: float, wall: float) -> Dict[str, Any]:
         cfg, ctx = self.cfg, self.ctx
@@ -480,9 +617,10 @@ class Trainer:
             best_path = self.run_dir / "best.pt"
             dist_lib.barrier(ctx)
             if self.best_epoch is not None and best_path.is_file():
+                best = ckpt_lib.load(best_path, map_location=self.device)
                 best_model = copy.deepcopy(self.model)
-                best_model.load_state_dict(ckpt_lib.load(best_path, map_location=self.device)["model"])
-                models.append(("best", best_model, self.best_epoch))
+                best_model.load_state_dict(best["model"])
+                models.append(("best", best_model, int(best["epoch"])))  # the file's own epoch
             models.append(("last", self.model, self.epoch))
             for name, model, epoch in models:
                 t0 = time.perf_counter()
@@ -496,7 +634,8 @@ class Trainer:
         results = {
             "run_dir": str(self.run_dir), "method": cfg.method.name, "model": cfg.model.name, "data": cfg.data.name,
             "eps": cfg.eps, "epochs_completed": self.epoch, "steps": self.step, "world_size": ctx.world_size,
-            "best_epoch": self.best_epoch, "best_val_robust_acc": self.best_val_robust if self.best_epoch else None,
+            "best_epoch": test["best"]["epoch"] if "best" in test else self.best_epoch,
+            "best_val_robust_acc": self.best_val_robust if self.best_epoch else None,
             "test_attack": attack, "test": test,
             "catastrophic_overfitting": (None if self.co is None else
                                          {"detected": self.co.detected, "epoch": self.co.epoch,

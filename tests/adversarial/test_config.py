@@ -164,3 +164,25 @@ def test_tensorboard_option_needs_the_package(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
     assert problems_of(["output.tensorboard=true"]) == [
         'output.tensorboard: needs the tensorboard package: pip install "bilevel[tensorboard]"']
+
+
+def test_a_malformed_override_does_not_hide_the_other_problems():
+    probs = problems_of(["train.epochs", "train.lr_max=-1", "train.epochs=0"])
+    assert any("override 'train.epochs'" in p and "key.sub=value" in p for p in probs), probs
+    assert any(p.startswith("train.lr_max: must be >= 0") for p in probs), probs
+    assert any(p.startswith("train.epochs: must be > 0") for p in probs), probs
+
+
+def test_switching_method_over_a_config_says_how_to_replace_the_section():
+    with pytest.raises(ConfigError) as info:
+        load_config(QUICKSTART, ["method.name=fast_at"])
+    (problem,) = info.value.problems
+    assert "unknown key 'method.lam' for method 'fast_at'" in problem
+    assert "method={name: fast_at, eps: 0.3}" in problem, problem  # the whole section, with the kept eps
+    cfg = load_config(QUICKSTART, ["method={name: fast_at, eps: 0.3}"])
+    assert cfg.method.name == "fast_at" and cfg.method.options == {"eps": 0.3}
+
+
+def test_a_misspelt_option_gets_no_section_hint():
+    (problem,) = problems_of(["method.lamb=3"])
+    assert "did you mean 'lam'" in problem and "replace the whole section" not in problem

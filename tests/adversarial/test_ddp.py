@@ -14,6 +14,7 @@ leaves room for the accumulated reordering.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -37,7 +38,8 @@ CONFIG = {
     "model": {"name": "small_cnn", "options": {"width": 8}},
     "method": {"name": "standard"},
     "train": {"epochs": 2, "batch_size": 64, "lr_max": 0.1, "max_steps": 25},
-    "eval": {"eps": 0.1, "val_n": 50, "val_steps": 3, "test_n": 50, "test_steps": 3, "test_restarts": 1},
+    "eval": {"eps": 0.1, "val_n": 150, "val_steps": 3, "test_n": 151, "test_steps": 3, "test_restarts": 2,
+             "batch_size": 64},
 }
 
 
@@ -67,11 +69,20 @@ def test_two_processes_match_one(tmp_path):
         assert ra["train_loss"] == pytest.approx(rb["train_loss"], abs=1e-5)
         assert ra["train_acc"] == pytest.approx(rb["train_acc"], abs=1e-12)
         assert ra["val_clean_acc"] == pytest.approx(rb["val_clean_acc"], abs=1e-12)
+        # the attacks' random starts do not depend on the number of processes either
+        assert ra["val_robust_acc"] == rb["val_robust_acc"] and ra["is_best"] == rb["is_best"]
+    assert a["best_epoch"] == b["best_epoch"]
+    ra, rb = (json.loads((r / "results.json").read_text()) for r in (run2, run1))
+    for name in ("best", "last"):  # 151 test images: uneven shards, a last batch of 23
+        assert ra["test"][name]["n"] == 151
+        assert ra["test"][name]["robust_acc"] == rb["test"][name]["robust_acc"], (ra["test"], rb["test"])
+    assert 0.05 < rb["test"]["last"]["robust_acc"] < 0.95  # not vacuous: the random starts matter
     # only rank 0 writes and logs
     out = proc2.stdout + proc2.stderr
     assert out.count("epoch   1/2") == 1 and out.count("results: ") == 1
     log = (run2 / "train.log").read_text()
     assert log.count("epoch   1/2") == 1 and "2 process(es)" in log
+    assert "Warning" not in proc2.stderr, proc2.stderr[-2000:]
 
 
 _FAST_BAT = ("method={name: fast_bat, eps: 0.1, attack_step: 0.05, lam: null}", "train.max_steps=10",

@@ -76,3 +76,21 @@ def test_autoattack_subset(run_dir):
     ev = json.loads(out.read_text())
     aa = ev["results"]["autoattack"]["accuracy"]
     assert 0.0 <= aa <= ev["results"]["clean"]["accuracy"]
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--aa-version", "apgd-xx"], "--aa-version: unknown attack 'apgd-xx'"),
+    (["--output", "{missing}/e.json"], "--output: directory"),
+])
+def test_options_are_checked_before_any_attack_runs(run_dir, tmp_path, monkeypatch, capsys, bad, message):
+    from applications.adversarial import evaluate as evaluate_module
+
+    def never(*args, **kwargs):
+        raise AssertionError("an attack ran before the options were checked")
+
+    for name in ("evaluate_clean", "evaluate_robust", "autoattack_accuracy"):
+        monkeypatch.setattr(evaluate_module, name, never)
+    bad = [b.format(missing=tmp_path / "missing") for b in bad]
+    rc = evaluate_module.main([str(run_dir / "last.pt"), "--attacks", "clean,pgd,autoattack", *bad])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err, err

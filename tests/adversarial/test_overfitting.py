@@ -153,3 +153,44 @@ def test_message_quotes_the_best_before_the_drop():
     assert old.reference_robust is None and old.detected and "vs best 0.5000" in old.message()
     with pytest.raises(ValueError, match="min_clean_acc"):
         CatastrophicOverfitting(min_clean_acc=1.5)
+
+
+# fast_at with step 0.6 at eps 0.3 on MNIST: PGD accuracy near 0 from the first epoch on, accuracy on the
+# FGSM training inputs 0.70-0.85: robustness never reaches a reference level, the drop rule is silent
+_GAP_CLEAN = [0.80, 0.88, 0.91, 0.93]
+_GAP_ROBUST = [0.03, 0.04, 0.01, 0.00]
+_GAP_ATTACK = [0.70, 0.78, 0.83, 0.85]  # accuracy under the training attack, a batch of training images
+_GAP_PGD = [0.04, 0.05, 0.02, 0.00]  # accuracy under PGD, the same images
+
+
+def test_gap_signature_detects_co_that_never_had_robustness():
+    silent = CatastrophicOverfitting()
+    assert not any(silent.update(e, c, r) for e, (c, r) in enumerate(zip(_GAP_CLEAN, _GAP_ROBUST)))
+    co = CatastrophicOverfitting()
+    fired = [co.update(e, c, r, attack_acc=a, attack_pgd_acc=p)
+             for e, (c, r, a, p) in enumerate(zip(_GAP_CLEAN, _GAP_ROBUST, _GAP_ATTACK, _GAP_PGD))]
+    assert fired == [True, True, True, True] and co.epoch == 0 and co.detected_at == 0
+    msg = co.message()
+    assert "training attack" in msg and "0.7000" in msg and "0.0400" in msg and "gap 0.6600" in msg, msg
+
+
+def test_gap_signature_spares_healthy_and_untrained_runs():
+    healthy = CatastrophicOverfitting()  # Fast-BAT: PGD is stronger than the training attack, by a little
+    for e, (a, p) in enumerate(zip([0.55, 0.60, 0.64, 0.66], [0.45, 0.50, 0.52, 0.55])):
+        assert not healthy.update(e, a + 0.2, p, attack_acc=a, attack_pgd_acc=p)
+    untrained = CatastrophicOverfitting()  # right on neither: below min_clean_acc, no signature
+    assert not untrained.update(0, 0.3, 0.0, attack_acc=0.40, attack_pgd_acc=0.0)
+    strict = CatastrophicOverfitting(max_attack_gap=0.9)
+    assert not strict.update(0, 0.9, 0.0, attack_acc=0.85, attack_pgd_acc=0.0)
+    with pytest.raises(ValueError, match="max_attack_gap"):
+        CatastrophicOverfitting(max_attack_gap=0.0)
+    with pytest.raises(ValueError, match="attack_acc"):
+        CatastrophicOverfitting().update(0, 0.9, 0.1, attack_acc=85.0, attack_pgd_acc=0.0)
+
+
+def test_gap_state_round_trips():
+    co = CatastrophicOverfitting()
+    co.update(0, 0.8, 0.1, attack_acc=0.7, attack_pgd_acc=0.1)
+    other = CatastrophicOverfitting()
+    other.load_state_dict(json.loads(json.dumps(co.state_dict())))
+    assert other.message() == co.message() and other.signature == "gap"

@@ -14,7 +14,7 @@ def record(epoch: int, **values):
     base = {k: None for k in METRIC_FIELDS}
     return {**base, "epoch": epoch, "step": 10 * epoch, "lr": 0.1 / epoch, "train_loss": 1.0 / epoch,
             "train_acc": 0.5 + 0.1 * epoch, "val_clean_acc": 0.6, "val_robust_acc": 0.3 + 0.01 * epoch,
-            "epoch_time_s": 2.0, "eval_time_s": 0.5, **values}
+            "train_attack_acc": 0.8, "train_pgd_acc": 0.2, "epoch_time_s": 2.0, "eval_time_s": 0.5, **values}
 
 
 def test_metrics_files_hold_the_history(tmp_path):

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from _tiny_run import train, write_config
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN = REPO / "applications" / "adversarial" / "train.py"
@@ -118,3 +119,108 @@ def test_catastrophic_overfitting_is_reported_and_stops_training(tmp_path):
         events.Reload()
         robust = {e.step: e.value for e in events.Scalars("val/robust_accuracy")}
         assert robust == pytest.approx({r["epoch"]: r["val_robust_acc"] for r in records}, rel=1e-6)
+
+
+# ------------------------------------------------------------------ bad data, I/O and device errors
+# Each is one line on stderr, exit status 2, no traceback.
+
+
+def one_line_error(res) -> str:
+    assert res.rc == 2, res.out[-2000:] + res.err[-2000:]
+    lines = res.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in res.err, res.err
+    return lines[0]
+
+
+def write_image_tree(root: Path, bad: str = "") -> None:
+    """root/{train,test}/{a,b}/<i>.png, 8x8 grey; the file ``bad`` (relative) holds garbage bytes."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 12), ("test", 4)):
+        for cls in ("a", "b"):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8), "L").save(root / split / cls / f"{i:03d}.png")
+    if bad:
+        (root / bad).write_bytes(b"\xff\xd8\xff\xe0 this is not an image")
+
+
+def write_npz(path: Path, classes: int) -> Path:
+    import numpy as np
+
+    rng = np.random.default_rng(classes)
+    np.savez(path, x_train=rng.integers(0, 256, (80, 8, 8), dtype=np.uint8), y_train=np.arange(80) % classes,
+             x_test=rng.integers(0, 256, (20, 8, 8), dtype=np.uint8), y_test=np.arange(20) % classes)
+    return path
+
+
+IMAGES = {"n_val": 4}
+
+
+def test_a_corrupt_image_is_named(tmp_path, capsys):
+    write_image_tree(tmp_path / "tree", bad="train/b/007.png")
+    cfg = write_config(tmp_path, "run", data={"name": "image_folder", "path": str(tmp_path / "tree"), **IMAGES},
+                       train={"epochs": 1, "batch_size": 8})
+    line = one_line_error(train(capsys, "--config", cfg))
+    assert "train/b/007.png" in line and "cannot decode" in line, line
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_a_truncated_or_garbage_archive_is_one_line(tmp_path, capsys, damage):
+    import tarfile
+
+    write_image_tree(tmp_path / "tree")
+    archive = tmp_path / "tree.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / "tree", arcname="tree")
+    data = archive.read_bytes()
+    archive.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"garbage" * 100)
+    cfg = write_config(tmp_path, "run", data={"name": "image_folder", "path": str(archive), **IMAGES},
+                       train={"epochs": 1, "batch_size": 8})
+    line = one_line_error(train(capsys, "--config", cfg))
+    assert str(archive) in line and "truncated or corrupt" in line, line
+
+
+def test_an_unusable_output_dir_is_one_line(tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    cfg = write_config(tmp_path, "run", output={"dir": str(tmp_path / "afile" / "runs")})
+    line = one_line_error(train(capsys, "--config", cfg, "train.epochs=1"))
+    assert "cannot write" in line and "afile" in line, line
+
+
+def test_a_full_disk_is_one_line_naming_the_file(tmp_path, capsys, monkeypatch):
+    """torch.save buries ENOSPC in a RuntimeError('unexpected pos ...'); the user sees Errno 28 and the file."""
+    import errno
+    import io
+
+    import torch
+    class Full(io.RawIOBase):
+        def writable(self) -> bool:
+            return True
+
+        def write(self, b) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    real_save = torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, f, *a, **k: real_save(obj, Full(), *a, **k))
+    cfg = write_config(tmp_path, "run")
+    line = one_line_error(train(capsys, "--config", cfg, "train.epochs=1"))
+    assert "No space left on device" in line and str(tmp_path / "run") in line and ".pt" in line, line
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_cuda_is_one_line(tmp_path, capsys):
+    line = one_line_error(train(capsys, "--config", write_config(tmp_path, "run"), "device=cuda"))
+    assert "CUDA is not available" in line and "device=cpu" in line, line
+    assert not (tmp_path / "run").exists()
+
+
+def test_resuming_with_another_class_count_is_one_line(tmp_path, capsys):
+    cfg = write_config(tmp_path, "run", data={"name": "npz", "path": str(write_npz(tmp_path / "three.npz", 3)),
+                                              "n_val": 10}, train={"epochs": 1, "batch_size": 10})
+    assert train(capsys, "--config", cfg).rc == 0
+    four = write_npz(tmp_path / "four.npz", 4)
+    line = one_line_error(train(capsys, "--resume", tmp_path / "run", f"data.path={four}"))
+    assert "num_classes: saved=3 new=4" in line, line

@@ -12,6 +12,7 @@
 from .arrays import DATASET_STATS, ImageArrays, channel_stats, train_val_split, with_stats
 from .augment import Augment, crop_flip, rotate
 from .embedded import load_digits, load_mnist5k
+from .errors import DataError
 from .files import load_npz, load_torchvision
 from .image_folder import default_cache_dir, is_image_folder, load_image_folder
 from .loader import DeviceLoader
@@ -23,6 +24,7 @@ __all__ = [
     "PATH_MUST_EXIST",
     "PATH_REQUIRED",
     "Augment",
+    "DataError",
     "DeviceLoader",
     "ImageArrays",
     "channel_stats",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 from typing import Optional, Sequence, Tuple
 
@@ -9,6 +10,7 @@ import numpy as np
 import torch
 
 from .arrays import DATASET_STATS, ImageArrays, PathLike, channel_stats, with_stats
+from .errors import DataError
 
 __all__ = ["load_npz", "load_torchvision"]
 
@@ -57,7 +59,13 @@ def load_npz(
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"npz dataset: {path} does not exist")
-    with np.load(path, allow_pickle=False) as f:
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise DataError(f"{path}: not a readable .npz file ({err})") from err
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise DataError(f"{path}: holds one array, expected an .npz with x_train, y_train, x_test, y_test")
+    with archive as f:
         missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in f.files]
         if missing:
             raise KeyError(f"{path}: missing arrays {missing} (has {f.files})")

@@ -10,6 +10,7 @@ import os
 import stat
 import tarfile
 import warnings
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 
 from .arrays import ImageArrays, PathLike, channel_stats, with_stats
+from .errors import DataError
 
 __all__ = ["ARCHIVE_SUFFIXES", "default_cache_dir", "is_image_folder", "load_image_folder"]
 
@@ -102,6 +104,15 @@ def _list_archive(archive: Path) -> List[_Entry]:
     Members must look like ``[prefix/]train|test/<class>/<file>`` with one common prefix. Reading
     the bytes straight from the archive avoids extracting tens of thousands of small files.
     """
+    try:
+        return _read_archive(archive)
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as err:
+        detail = " ".join(str(err).split())  # tarfile lists every method it tried, one per line
+        raise DataError(f"{archive}: truncated or corrupt archive ({type(err).__name__}: {detail}); "
+                        "download or create it again") from err
+
+
+def _read_archive(archive: Path) -> List[_Entry]:
     entries: List[_Entry] = []
     prefix: Optional[Tuple[str, ...]] = None
     with tarfile.open(archive, "r:*") as tar:
@@ -133,22 +144,26 @@ def _decode_images(sources: Sequence[Union[Path, bytes]], names: Sequence[str], 
     """
     from PIL import Image
 
-    def read(src: Union[Path, bytes]) -> Image.Image:
-        data = src.read_bytes() if isinstance(src, Path) else src
-        image = Image.open(io.BytesIO(data))
-        image.load()
+    def read(i: int) -> Image.Image:
+        src = sources[i]
+        try:
+            data = src.read_bytes() if isinstance(src, Path) else src
+            image = Image.open(io.BytesIO(data))
+            image.load()
+        except (OSError, ValueError, SyntaxError) as err:  # PIL.UnidentifiedImageError is an OSError
+            raise DataError(f"{names[i]}: cannot decode the image ({err}); delete or replace the file") from err
         return image
 
-    first = read(sources[0])
+    first = read(0)
     mode = "L" if first.mode in ("1", "L", "LA", "I", "I;16", "F") else "RGB"
     height, width = first.height, first.width
     channels = 1 if mode == "L" else 3
     out = np.empty((len(sources), height, width, channels), dtype=np.uint8)
 
     def decode(i: int) -> None:
-        image = read(sources[i]).convert(mode)
+        image = read(i).convert(mode)
         if image.size != (width, height):
-            raise ValueError(f"{names[i]}: size {image.size}, expected {(width, height)} like {names[0]}")
+            raise DataError(f"{names[i]}: size {image.size}, expected {(width, height)} like {names[0]}")
         out[i] = np.asarray(image).reshape(height, width, channels)
 
     if num_workers > 1 and len(sources) > 64:
@@ -258,8 +273,9 @@ def load_image_folder(
     workers = num_workers or os.cpu_count() or 1
     index = {c: k for k, c in enumerate(classes)}
     arrays = {}
+    where = f"{tree}/" if tree is not None else f"{root}:"
     for split, chosen in by_split.items():
-        names = [f"{split}/{e[1]}/{e[2]}" for e in chosen]
+        names = [f"{where}{split}/{e[1]}/{e[2]}" for e in chosen]
         if chosen:
             x = _decode_images([e[3] for e in chosen], names, workers)
         else:

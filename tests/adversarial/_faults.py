@@ -1,0 +1,65 @@
+"""The train command with one injected fault: ``python _faults.py KIND:COUNT:WHEN [train args...]``.
+
+The process SIGKILLs itself at the COUNT-th checkpoint of kind KIND (``last`` or ``best``):
+``WHEN=mid`` after writing half of the file's bytes (a kill in the middle of the write), ``WHEN=after``
+once the checkpoint is complete and renamed (a kill between two files of one epoch). An empty spec
+runs the command unchanged.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import sys
+from typing import Any, Dict
+
+
+def install(spec: str) -> None:
+    import torch
+
+    from applications.adversarial import checkpoint
+
+    kind, count, when = spec.split(":")
+    seen = {"n": 0}
+
+    def hit(obj: Any) -> bool:
+        if isinstance(obj, dict) and obj.get("kind") == kind:
+            seen["n"] += 1
+            return seen["n"] == int(count)
+        return False
+
+    if when == "mid":
+        real_save = torch.save
+
+        def save(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
+            if hit(obj):
+                buf = io.BytesIO()
+                real_save(obj, buf, *args, **kwargs)
+                data = buf.getvalue()
+                f.write(data[: len(data) // 2])
+                f.flush()
+                os.fsync(f.fileno())
+                os.kill(os.getpid(), signal.SIGKILL)
+            real_save(obj, f, *args, **kwargs)
+
+        torch.save = save
+    elif when == "after":
+        real_atomic = checkpoint.save_atomic
+
+        def save_atomic(obj: Dict[str, Any], path: Any) -> None:
+            real_atomic(obj, path)
+            if hit(obj):
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        checkpoint.save_atomic = save_atomic
+    else:
+        raise SystemExit(f"unknown fault {spec!r}")
+
+
+if __name__ == "__main__":
+    if sys.argv[1]:
+        install(sys.argv[1])
+    from applications.adversarial.train import main
+
+    sys.exit(main(sys.argv[2:]))
