@@ -115,7 +115,7 @@ def _summary(times: List[float], cpu: List[float]) -> Dict[str, float]:
     else:
         q1, q3 = times[0], times[-1]
     return {"median_s": statistics.median(times), "q1_s": q1, "q3_s": q3, "repeats": len(times),
-            "cpu_median_s": statistics.median(cpu)}
+            "cpu_median_s": statistics.median(cpu), "min_s": times[0], "cpu_min_s": min(cpu)}
 
 
 def load_average() -> Optional[List[float]]:

@@ -10,6 +10,9 @@ optionally how it takes second-order products (:class:`Exact`, :class:`CentralDi
 :class:`ForwardDifference`), and call :func:`solve`: the returned :math:`y^\star(x)` carries the
 strategy's gradient, so
 ``f(x, y).backward()`` and any ``torch.optim`` optimizer do the rest.
+
+For mini-batch objectives ``g(x, y, batch)``, warm starts across outer steps and the stochastic
+methods (AmIGO, StocBiO, SOBA, F2SA, BOME), see :mod:`bilevel.stochastic`.
 """
 
 from ._solve import solve, value_and_hypergrad
@@ -18,7 +21,10 @@ from .hypergrad import FirstOrder, Implicit, Linearized, Strategy, Unrolled
 from .linalg import CG, DenseSolve, LinearSolveInfo, LinearSolver, Neumann
 from .problem import LowerProblem
 from .products import CentralDifference, Exact, ForwardDifference, Products
+from .residual import LowerSolveError, ResidualCheck, lower_residual
 from .solvers import ClosedForm, GradientDescent, ProjectedGradient, SignedProjectedGradient, Solver
+from .stochastic import BOME, F2SA, SOBA, AmIGO, RandomBatches, StocBiO, StochasticState
+from .torch_optim import TorchOptim
 
 __version__ = "0.1.0"
 
@@ -29,5 +35,7 @@ __all__ = [
     "LowerProblem",
     "CentralDifference", "Exact", "ForwardDifference", "Products",
     "solve", "value_and_hypergrad",
-    "ClosedForm", "GradientDescent", "ProjectedGradient", "SignedProjectedGradient", "Solver",
+    "ClosedForm", "GradientDescent", "ProjectedGradient", "SignedProjectedGradient", "Solver", "TorchOptim",
+    "lower_residual", "ResidualCheck", "LowerSolveError",
+    "AmIGO", "StocBiO", "SOBA", "F2SA", "BOME", "StochasticState", "RandomBatches",
 ]

@@ -40,10 +40,14 @@ class LinearSolveInfo:
 
 
 class LinearSolver:
-    """Interface: ``solver(matvec, b, matmat=None) -> (u, LinearSolveInfo)``."""
+    """Interface: ``solver(matvec, b, matmat=None, x0=None) -> (u, LinearSolveInfo)``.
 
-    def __call__(self, matvec: MatVec, b: torch.Tensor, matmat: Optional[MatMat] = None
-                 ) -> Tuple[torch.Tensor, LinearSolveInfo]:  # pragma: no cover - interface
+    ``x0`` is a warm start (for example the previous outer step's solution); iterative solvers start
+    from it, :class:`DenseSolve` ignores it.
+    """
+
+    def __call__(self, matvec: MatVec, b: torch.Tensor, matmat: Optional[MatMat] = None,
+                 x0: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, LinearSolveInfo]:  # pragma: no cover
         raise NotImplementedError
 
 
@@ -60,9 +64,12 @@ class CG(LinearSolver):
     costs nothing. In low precision it can drift below the true residual once it is near rounding
     level; ``true_residual=True`` computes :math:`\|b - A u\|` with one extra product instead.
 
+    With a warm start ``x0`` CG iterates on :math:`A(u - x_0) = b - A x_0` (one more product); close
+    to the solution, as across the outer steps of AmIGO (Arbel & Mairal, 2022), few iterations suffice.
+
     Args:
         maxiter: number of iterations.
-        tol: relative residual at which the iterate freezes.
+        tol: relative residual (to :math:`\|b\|`) at which the iterate freezes.
         true_residual: report the true residual (one more matrix-vector product).
     """
 
@@ -76,13 +83,17 @@ class CG(LinearSolver):
         if not self.tol >= 0:
             raise ValueError(f"CG: tol must be >= 0, got {self.tol}")
 
-    def __call__(self, matvec: MatVec, b: torch.Tensor, matmat: Optional[MatMat] = None
-                 ) -> Tuple[torch.Tensor, LinearSolveInfo]:
-        u = torch.zeros_like(b)
-        r = b.clone()
+    def __call__(self, matvec: MatVec, b: torch.Tensor, matmat: Optional[MatMat] = None,
+                 x0: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, LinearSolveInfo]:
+        if x0 is None:
+            u = torch.zeros_like(b)
+            r = b.clone()
+        else:  # warm start: iterate on the residual of x0 (one more product)
+            u = x0.detach().to(b.dtype).reshape(b.shape)
+            r = b - matvec(u)
         p = r
         rs = torch.dot(r, r)
-        bnorm2 = rs
+        bnorm2 = rs if x0 is None else torch.dot(b, b)
         thresh = (self.tol**2) * bnorm2
         zero = torch.zeros_like(rs)
         for _ in range(self.maxiter):
@@ -110,6 +121,8 @@ class Neumann(LinearSolver):
     solver's step, the K-term series at :math:`y^\star` equals backpropagation through K gradient steps
     started at :math:`y^\star`.
 
+    A warm start ``x0`` applies the series to the residual: :math:`u = x_0 + \alpha \sum_k (I - \alpha A)^k (b - A x_0)`.
+
     Args:
         steps: number of terms K (K - 1 matrix-vector products, plus one for the residual).
         alpha: the scaling :math:`\alpha`.
@@ -124,10 +137,15 @@ class Neumann(LinearSolver):
         if not self.alpha > 0:
             raise ValueError(f"Neumann: alpha must be > 0, got {self.alpha}")
 
-    def __call__(self, matvec: MatVec, b: torch.Tensor, matmat: Optional[MatMat] = None
-                 ) -> Tuple[torch.Tensor, LinearSolveInfo]:
-        p = self.alpha * b
-        u = p
+    def __call__(self, matvec: MatVec, b: torch.Tensor, matmat: Optional[MatMat] = None,
+                 x0: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, LinearSolveInfo]:
+        if x0 is None:
+            p = self.alpha * b
+            u = p
+        else:  # warm start: the series on the residual, u = x0 + alpha sum_k (I - alpha A)^k (b - A x0)
+            x0 = x0.detach().to(b.dtype).reshape(b.shape)
+            p = self.alpha * (b - matvec(x0))
+            u = x0 + p
         for _ in range(self.steps - 1):
             p = p - self.alpha * matvec(p)
             u = u + p
@@ -144,8 +162,8 @@ class DenseSolve(LinearSolver):
 
     ridge: float = 0.0
 
-    def __call__(self, matvec: MatVec, b: torch.Tensor, matmat: Optional[MatMat] = None
-                 ) -> Tuple[torch.Tensor, LinearSolveInfo]:
+    def __call__(self, matvec: MatVec, b: torch.Tensor, matmat: Optional[MatMat] = None,
+                 x0: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, LinearSolveInfo]:
         n = b.numel()
         eye = torch.eye(n, dtype=b.dtype, device=b.device)
         A = matmat(eye) if matmat is not None else torch.stack([matvec(e) for e in eye])

@@ -8,7 +8,7 @@ differentiated by autograd, and the chosen strategy decides how gradients flow t
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, List, Optional, Tuple
 
 import torch
@@ -69,7 +69,8 @@ class LowerProblem:
     r"""A lower problem: objective :math:`g(x, y)`, constraint set :math:`C`, and how to solve it.
 
     Args:
-        objective: ``g(x, y) -> scalar tensor``. It must use ``x`` (the upper variable as passed to
+        objective: ``g(x, y) -> scalar tensor`` (``g(x, y, batch)`` for the mini-batch solvers and methods,
+            see :meth:`on`). It must use ``x`` (the upper variable as passed to
             :func:`bilevel.solve`; for a module, ``dict(module.named_parameters())`` through
             ``torch.func.functional_call``) rather than capturing it, so that strategies can
             differentiate with respect to it.
@@ -80,9 +81,23 @@ class LowerProblem:
             need one.
     """
 
-    objective: Callable[[Tree, Tree], torch.Tensor]
+    objective: Callable[..., torch.Tensor]
     constraint: Optional[Any] = None
     solver: Optional[Any] = None
+
+    def on(self, batch: Any) -> LowerProblem:
+        r"""The same problem on one mini-batch: objective :math:`(x, y) \mapsto g(x, y, \text{batch})`.
+
+        Stochastic solvers and methods (:mod:`bilevel.stochastic`) call an objective of the form
+        ``g(x, y, batch)``; this binds one batch so that the deterministic machinery (solvers, strategies,
+        :meth:`value_and_grad`) sees an ordinary ``g(x, y)``.
+        """
+        objective = self.objective
+
+        def on_batch(x: Tree, y: Tree) -> torch.Tensor:
+            return objective(x, y, batch)
+
+        return replace(self, objective=on_batch)
 
     def value_and_grad(self, x: Tree, y: Tree, *, create_graph: bool = False) -> Tuple[torch.Tensor, Tree]:
         r"""Return :math:`g(x, y)` and :math:`\nabla_y g(x, y)`."""

@@ -9,7 +9,7 @@ without a graph and the last ``T`` with one (``create_graph=True``), which is wh
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -41,10 +41,11 @@ class Solver:
         return y
 
 
-def _check_steps(name: str, steps: int, step_size: float) -> None:
+def check_steps(name: str, steps: int, step_size: Optional[float] = None) -> None:
+    """Raise ``ValueError`` unless ``steps`` is a non-negative integer and ``step_size`` (if given) is positive."""
     if int(steps) != steps or steps < 0:
         raise ValueError(f"{name}: steps must be a non-negative integer, got {steps}")
-    if not step_size > 0:
+    if step_size is not None and not step_size > 0:
         raise ValueError(f"{name}: step_size must be > 0, got {step_size}")
 
 
@@ -56,7 +57,7 @@ class GradientDescent(Solver):
     steps: int
 
     def __post_init__(self) -> None:
-        _check_steps(type(self).__name__, self.steps, self.step_size)
+        check_steps(type(self).__name__, self.steps, self.step_size)
 
     def _direction(self, grad: torch.Tensor) -> torch.Tensor:
         return grad

@@ -14,7 +14,7 @@ from ..problem import LowerProblem
 from ..products import Exact, Products, check_products
 from .base import Strategy
 
-__all__ = ["Implicit"]
+__all__ = ["Implicit", "implicit_solution"]
 
 
 @dataclass(eq=False)
@@ -48,18 +48,29 @@ class Implicit(Strategy):
         products: how the Hessian-vector and mixed products are taken: :class:`~bilevel.Exact` (default,
             double backward), :class:`~bilevel.CentralDifference` or :class:`~bilevel.ForwardDifference`
             (first-order gradients only: 2 or 1 gradient evaluations per product).
+        warm_start: start each linear solve from the previous backward pass's solution :math:`u`
+            (AmIGO's warm start; across outer steps :math:`u` changes little, so fewer iterations suffice).
+            State on the object: not for use under ``torch.func`` transforms.
+        residual: a :class:`~bilevel.ResidualCheck`: after each forward solve, the lower optimality
+            residual is stored in ``last_residual`` (and checked against its tolerance, if it has one).
 
     Attributes:
         last_info: :class:`~bilevel.LinearSolveInfo` of the latest backward pass (tensors: reading
             them synchronizes, so do it outside hot loops). It is state on the strategy object: use one
             object per thread, and under ``vmap`` it holds the last batch's unbatched values.
+        last_residual: the lower residual of the latest forward solve (a 0-d tensor), with ``residual``.
+        last_solution: the latest linear-system solution (flat), with ``warm_start``.
     """
 
     linear_solver: LinearSolver = field(default_factory=CG)
     damping: float = 0.0
     mask_tol: float = 0.0
     products: Products = field(default_factory=Exact)
+    warm_start: bool = False
+    residual: Optional[Any] = None
     last_info: Optional[LinearSolveInfo] = field(default=None, init=False, repr=False)
+    last_residual: Optional[torch.Tensor] = field(default=None, init=False, repr=False)
+    last_solution: Optional[torch.Tensor] = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.damping >= 0:
@@ -70,11 +81,7 @@ class Implicit(Strategy):
 
     def solve(self, lower: LowerProblem, x: Tree, init: Tree) -> Tree:
         self._solver(lower, "Implicit")
-        x_flat, x_spec = leaves(x)
-        init_flat, y_spec = leaves(init)
-        meta = (self, lower, x_spec, y_spec, len(x_flat))
-        y_flat = _ImplicitSolution.apply(meta, *x_flat, *init_flat)
-        return unflatten(list(y_flat), y_spec)
+        return implicit_solution(self, lower, x, init)
 
     def backward(self, lower: LowerProblem, x_flat: List[torch.Tensor], x_spec: Any, y_flat: List[torch.Tensor],
                  y_spec: Any, v_flat: List[torch.Tensor]) -> List[torch.Tensor]:
@@ -104,11 +111,30 @@ class Implicit(Strategy):
                 return torch.addcmul(d * lin.hvp_batched(d * P), diag, P)
 
             b = d * v
-        u, info = self.linear_solver(matvec, b, matmat)
+        warm = self.last_solution if self.warm_start else None
+        # x0 only when there is one: linear solvers written before warm starts keep working
+        warm_kw = {"x0": warm} if warm is not None and warm.shape == b.shape else {}
+        u, info = self.linear_solver(matvec, b, matmat, **warm_kw)
         if masks is not None:
             u = d * u
+        if self.warm_start:
+            self.last_solution = u.detach()
         self.last_info = info
         return [-t for t in lin.cross(u)]
+
+
+def implicit_solution(strategy: Any, lower: LowerProblem, x: Tree, init: Tree) -> Tree:
+    r"""``lower.solver``'s solution from ``init``, whose backward pass is ``strategy.backward`` (a vector-Jacobian product).
+
+    The autograd rule shared by :class:`Implicit` and the stochastic implicit strategies: the forward pass
+    runs the solver without a graph (and ``strategy.residual``, if set); the backward pass calls
+    ``strategy.backward(lower, x_flat, x_spec, y_flat, y_spec, v_flat)``.
+    """
+    x_flat, x_spec = leaves(x)
+    init_flat, y_spec = leaves(init)
+    meta = (strategy, lower, x_spec, y_spec, len(x_flat))
+    y_flat = _ImplicitSolution.apply(meta, *x_flat, *init_flat)
+    return unflatten(list(y_flat), y_spec)
 
 
 class _ImplicitSolution(torch.autograd.Function):
@@ -124,6 +150,8 @@ class _ImplicitSolution(torch.autograd.Function):
         y = lower.solver.run(lower, x, init, differentiable_steps=0)
         # the output is unflattened with init's structure: put the solver's leaves in that order
         y_flat = leaves_like(y, y_spec, "lower solution returned by the solver (compared with init)")
+        if strategy.residual is not None:
+            strategy.last_residual = strategy.residual(lower, x, unflatten(y_flat, y_spec))
         return tuple(t.detach() for t in y_flat)
 
     @staticmethod

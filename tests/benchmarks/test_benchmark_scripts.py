@@ -216,3 +216,33 @@ def test_fast_bat_official_updates_batchnorm_like_the_official_pass_sequence():
         torch.testing.assert_close(buffers[name], expected, rtol=1e-12, atol=1e-14, msg=name)
     for p, q in zip(ours.parameters(), official.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-12)
+
+
+def test_stochastic_quadratic_tiny(tmp_path):
+    """Every method runs on a small instance; the deterministic Implicit(CG) run converges (its exact metric is an
+    oracle), and the single-loop methods have per-iteration timings beside their hand-written loops."""
+    out = tmp_path / "stoch.json"
+    _run(["benchmarks/stochastic_quadratic.py", "--tiny", "--no-compile", "--out", str(out)])
+    data = json.loads(out.read_text())
+    _machine_ok(data["machine"])
+    assert data["tiny"] is True and data["problem"]["p"] == 20 and data["load_average_start"] is not None
+    runs = {r["method"]: r for r in data["runs"]}
+    assert set(runs) == {"SOBA", "F2SA", "BOME", "AmIGO", "StocBiO", "Implicit(CG)", "Unrolled"}
+    x0_metric = data["problem"]["grad_norm2_at_x0"]
+    for r in runs.values():
+        assert r["curve"][0]["grad_norm2"] == pytest.approx(x0_metric) and r["iterations"] > 0
+    assert runs["Implicit(CG)"]["final_grad_norm2"] < 1e-6 and runs["Implicit(CG)"]["time_to"]["0.001"] is not None
+    assert runs["SOBA"]["best_grad_norm2"] < 1e-1 * x0_metric
+    rows = {r["method"]: r for r in data["per_iteration"]}
+    assert set(rows) == {"SOBA", "F2SA", "BOME"}
+    for r in rows.values():
+        assert r["ratio_bilevel_over_hand"] > 0 and r["timings"]["hand-written"]["median_ms"] > 0
+    assert out.with_suffix(".png").exists() == _has_matplotlib()
+
+
+def _has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True

@@ -63,3 +63,76 @@ def test_no_sync_in_linear_solvers():
     ref = torch.linalg.solve(A, b)
     assert torch.allclose(u, ref, rtol=1e-4, atol=1e-5)
     assert float(info.relative_residual) < 1e-4
+
+
+def _stochastic_problem(device: str):
+    """A mini-batch quadratic: rows of D indexed by the batch; box-constrained lower variable."""
+    n, m, N = 8, 3, 64
+    D = torch.randn(N, n, device=device)
+    C = torch.randn(m, n, device=device)
+    T = torch.randn(N, device=device)
+
+    def g(x, y, batch):
+        return 0.5 * ((D[batch] @ y) ** 2).mean() + 0.5 * (y**2).sum() + x @ C @ y
+
+    def f(x, y, batch):
+        return 0.5 * ((D[batch] @ y - T[batch]) ** 2).mean() + 0.5 * (x**2).sum()
+
+    lower = bl.LowerProblem(g, constraint=bl.Box(-0.5, 0.5, check=False))
+    return lower, f, bl.RandomBatches(N, 16, seed=0, device=device), torch.randn(m, device=device), torch.zeros(n, device=device)
+
+
+@pytest.mark.parametrize("method", ["soba", "f2sa", "bome"])
+def test_no_sync_in_single_loop_steps(method):
+    lower, f, batches, x0, y0 = _stochastic_problem("cuda")
+    cls = {"soba": bl.SOBA, "f2sa": bl.F2SA, "bome": bl.BOME}[method]
+    algo = cls(lower, f, step_size=0.1, lower_batches=batches, upper_batches=batches)
+    state = algo.init(y0)
+    x = x0.clone().requires_grad_()
+    opt = torch.optim.SGD([x], lr=0.1)
+    algo.step(x, state)  # first call outside: lazy CUDA initialization may synchronize
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            x.grad = algo.step(x, state)
+            opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(x).all() and torch.isfinite(state.y).all()
+
+
+@pytest.mark.parametrize("strategy", [bl.AmIGO, bl.StocBiO], ids=["amigo", "stocbio"])
+def test_no_sync_in_stochastic_strategies_with_torch_optim(strategy):
+    lower, f, batches, x0, y0 = _stochastic_problem("cuda")
+    lower = bl.LowerProblem(lower.objective, constraint=lower.constraint,
+                            solver=bl.TorchOptim(torch.optim.SGD, 4, batches=batches, lr=0.1, momentum=0.5))
+    algo = strategy(batches, steps=4, step_size=0.3, residual=bl.ResidualCheck(step=0.1, batches=batches))
+    x = x0.clone().requires_grad_()
+    y = y0
+    f(x, bl.solve(lower, x, y, algo, check_finite=False), batches()).backward()  # warm-up outside the check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2):
+            y = bl.solve(lower, x, y, algo, check_finite=False)
+            f(x, y, batches()).backward()
+            y = y.detach()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(x.grad).all() and algo.last_residual.ndim == 0
+
+
+def test_no_sync_in_warm_started_cg():
+    g, constraint, x0, init = _problem("cuda")
+    lower = bl.LowerProblem(g, constraint=constraint, solver=bl.ProjectedGradient(0.2, 10))
+    strategy = bl.Implicit(bl.CG(maxiter=5), warm_start=True)
+    for _ in range(2):  # the second call warm-starts from the first's solution
+        x = x0.clone().requires_grad_()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            ((bl.solve(lower, x, init, strategy, check_finite=False) - 0.1) ** 2).sum().backward()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    assert strategy.last_solution is not None and torch.isfinite(x.grad).all()

@@ -172,3 +172,35 @@ def test_second_derivative_under_torch_func(linear_solver):
     true = torch.autograd.functional.hessian(F(bl.Unrolled()), x0)  # autograd through the closed form
     assert torch.allclose(hess, true, rtol=1e-9, atol=1e-10)
     assert (true - torch.diag(6 * x0)).abs().max() > 1e-2  # the implicit part contributes
+
+
+def test_warm_started_implicit_converges_to_the_exact_system_solution_with_two_cg_steps_per_solve():
+    """CG(maxiter=2) cannot solve a 5x5 system in one call; warm-started across calls it converges."""
+    lower, H, C = _smooth_problem()
+    init, x = torch.zeros(5), torch.randn(3)
+    strategy = bl.Implicit(bl.CG(maxiter=2, tol=0.0), warm_start=True)
+    cold = bl.Implicit(bl.CG(maxiter=2, tol=0.0))
+    t = torch.randn(5)
+    for _ in range(8):
+        xx = x.clone().requires_grad_()
+        y = bl.solve(lower, xx, init, strategy)
+        (y * t).sum().backward()
+    lin_H = torch.autograd.functional.hessian(lambda yy: lower.objective(x, yy), y.detach())
+    exact = torch.linalg.solve(lin_H, t)
+    assert torch.allclose(strategy.last_solution, exact, rtol=1e-10, atol=1e-12)
+    xx = x.clone().requires_grad_()
+    (bl.solve(lower, xx, init, cold) * t).sum().backward()
+    assert float(cold.last_info.relative_residual) > 1e-3  # a single cold call is far from it
+
+
+def test_implicit_residual_diagnostic_is_stored_and_checked():
+    lower, _, _ = _smooth_problem()
+    x = torch.randn(3, requires_grad=True)
+    converged = bl.Implicit(residual=bl.ResidualCheck(step=0.4, tol=1e-8))
+    y = bl.solve(lower, x, torch.zeros(5), converged)
+    assert float(converged.last_residual) < 1e-10
+    few = bl.LowerProblem(lower.objective, solver=bl.GradientDescent(0.4, 2))
+    with pytest.raises(bl.LowerSolveError, match="not converged"):
+        bl.solve(few, x, torch.zeros(5), bl.Implicit(residual=bl.ResidualCheck(step=0.4, tol=1e-3)))
+    y.sum().backward()
+    assert torch.isfinite(x.grad).all()

@@ -120,3 +120,27 @@ def test_cg_rejects_bad_options():
         bl.CG(tol=-1.0)
     with pytest.raises(ValueError, match="maxiter must be >= 1"):
         bl.CG(maxiter=2.5)
+
+
+def test_cg_warm_start_from_the_solution_stays_there_and_from_nearby_needs_fewer_iterations():
+    A, b = _spd(30), torch.randn(30)
+    ref = torch.linalg.solve(A, b)
+    u, info = bl.CG(maxiter=5, tol=0.0)(lambda v: A @ v, b, x0=ref)
+    assert float((u - ref).norm() / ref.norm()) < 1e-12 and float(info.relative_residual) < 1e-12
+    near = ref + 1e-3 * torch.randn(30)
+    warm, _ = bl.CG(maxiter=5, tol=0.0)(lambda v: A @ v, b, x0=near)
+    cold, _ = bl.CG(maxiter=5, tol=0.0)(lambda v: A @ v, b)
+    assert float((warm - ref).norm()) < 1e-2 * float((cold - ref).norm())
+    # the warm-started iteration is CG on the residual system A d = b - A x0
+    d, _ = bl.CG(maxiter=5, tol=0.0)(lambda v: A @ v, b - A @ near)
+    assert torch.allclose(warm, near + d, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("K", [1, 4])
+def test_neumann_warm_start_is_the_series_on_the_residual(K):
+    A, b, x0 = _spd(6, cond=4.0) / 4.0, torch.randn(6), torch.randn(6)
+    alpha = 0.9
+    u, _ = bl.Neumann(steps=K, alpha=alpha)(lambda v: A @ v, b, x0=x0)
+    M = torch.eye(6) - alpha * A
+    oracle = x0 + alpha * sum(torch.linalg.matrix_power(M, k) for k in range(K)) @ (b - A @ x0)
+    assert torch.allclose(u, oracle, rtol=1e-12, atol=1e-12)

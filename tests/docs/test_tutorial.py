@@ -94,3 +94,12 @@ def test_tutorial_runs_and_validation_loss_falls(single_thread: None, capsys: py
     assert ns["rel_err"]["Implicit(CG(maxiter=30))"] < ns["rel_err"]["Implicit(CG(maxiter=10))"]
     out = capsys.readouterr().out
     assert "finite difference" in out and "step 30" in out
+
+
+def test_stochastic_page_methods_learn_the_penalties(single_thread: None, capsys: pytest.CaptureFixture) -> None:
+    ns = run_page("stochastic.md")
+    # both methods cut the full-batch validation loss by more than 5x from lambda = 0
+    assert ns["final"] < 0.2 * ns["start"] and ns["soba_final"] < 0.2 * ns["start"]
+    assert ns["amigo"].last_residual.ndim == 0 and ns["state"].step == 1000
+    assert set(ns["checkpoint"]["state"]) == {"y", "v", "z", "lam", "step"}
+    assert "full-batch validation loss" in capsys.readouterr().out

@@ -1,0 +1,80 @@
+r"""A lower solver that runs any ``torch.optim`` optimizer, on mini-batches if given."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+
+from ._autodiff import detach_tree
+from ._tree import Tree, leaves, unflatten
+from .problem import LowerProblem
+from .solvers import Solver, check_steps
+from .stochastic.batches import BatchSource, as_batches
+
+__all__ = ["TorchOptim"]
+
+_NOT_DIFFERENTIABLE = ("TorchOptim runs whole solves without a graph: use it with Implicit, FirstOrder or the stochastic "
+                       "strategies, and a differentiable solver (GradientDescent, ...) with Unrolled")
+
+
+class TorchOptim(Solver):
+    r"""Run ``optimizer`` (``torch.optim.SGD``, ``Adam``, ...) for ``steps`` steps on the lower variable.
+
+    Each step draws a batch :math:`B_k` from ``batches`` (if given), takes the optimizer's step on
+    :math:`\nabla_y g(x, y, B_k)` (``g(x, y)`` without batches) and projects onto the constraint set:
+    :math:`y \leftarrow \mathrm{Proj}_C(\mathrm{opt}(y, \nabla_y g))`. The optimizer (and its state, e.g.
+    momentum) is created afresh from ``init`` at every solve; warm-start by passing the previous solution
+    as ``init``.
+
+    It returns only the solution, without a graph, which is what :class:`~bilevel.Implicit`,
+    :class:`~bilevel.FirstOrder` and the stochastic strategies need; :class:`~bilevel.Unrolled`
+    needs a differentiable solver (:class:`~bilevel.GradientDescent`, ...) and is refused.
+
+    Args:
+        optimizer: a ``torch.optim.Optimizer`` class, or any ``params -> optimizer`` factory.
+        steps: number of steps.
+        batches: a batch source (callable, iterable or ``DataLoader``; see :func:`bilevel.stochastic.as_batches`),
+            or ``None`` for the full objective ``g(x, y)``.
+        **options: passed to the optimizer (``lr``, ``momentum``, ``betas``, ...).
+    """
+
+    def __init__(self, optimizer: Callable[..., torch.optim.Optimizer], steps: int, *,
+                 batches: Optional[BatchSource] = None, **options: Any) -> None:
+        check_steps("TorchOptim", steps)
+        if not callable(optimizer):
+            raise TypeError(f"TorchOptim: optimizer must be a torch.optim.Optimizer class or factory, got {optimizer!r}")
+        self.optimizer, self.steps, self.options = optimizer, int(steps), options
+        self.batches = as_batches(batches)
+
+    def __repr__(self) -> str:
+        name = getattr(self.optimizer, "__name__", repr(self.optimizer))
+        opts = "".join(f", {k}={v!r}" for k, v in self.options.items())
+        return f"TorchOptim({name}, steps={self.steps}{opts}{', batches=...' if self.batches else ''})"
+
+    def step(self, lower: LowerProblem, x: Tree, y: Tree, *, create_graph: bool) -> Tree:
+        raise TypeError(_NOT_DIFFERENTIABLE)
+
+    def run(self, lower: LowerProblem, x: Tree, init: Tree, *, differentiable_steps: int = 0) -> Tree:
+        if differentiable_steps:
+            raise TypeError(_NOT_DIFFERENTIABLE)
+        x_d = detach_tree(x)
+        y_flat, spec = leaves(init)
+        ys = [t.detach().clone().requires_grad_() for t in y_flat]
+        opt = self.optimizer(ys, **self.options)
+        objective, batches, constrained = lower.objective, self.batches, lower.constraint is not None
+        for _ in range(self.steps):
+            with torch.enable_grad():
+                y_tree = unflatten(ys, spec)
+                value = objective(x_d, y_tree) if batches is None else objective(x_d, y_tree, batches())
+                if not isinstance(value, torch.Tensor) or value.ndim != 0:
+                    raise ValueError("TorchOptim: the lower objective must return a scalar tensor")
+                grads = torch.autograd.grad(value, ys, allow_unused=True)
+            for t, g in zip(ys, grads):
+                t.grad = torch.zeros_like(t) if g is None else g
+            opt.step()
+            if constrained:
+                with torch.no_grad():
+                    for t, p in zip(ys, leaves(lower.project(unflatten([t.detach() for t in ys], spec)))[0]):
+                        t.copy_(p)
+        return unflatten([t.detach() for t in ys], spec)

@@ -1,0 +1,110 @@
+r"""TorchOptim: torch.optim optimizers as lower solvers (full batch and mini-batches), under Implicit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _quadratic import quadratic
+from torch.utils.data import DataLoader, TensorDataset
+
+import bilevel as bl
+
+
+def _ridge(n: int = 40, d: int = 5):
+    X, t = torch.randn(n, d), torch.randn(n)
+    Xv, tv = torch.randn(20, d), torch.randn(20)
+
+    def g(lam, w, batch=None):
+        Xb, tb = (X, t) if batch is None else batch
+        return 0.5 * ((Xb @ w - tb) ** 2).sum() * (n / Xb.shape[0]) + 0.5 * (torch.exp(lam) * w**2).sum()
+
+    def f(lam, w):
+        return 0.5 * ((Xv @ w - tv) ** 2).sum()
+
+    def closed_form(lam):
+        Hm = X.T @ X + torch.diag(torch.exp(lam))
+        w = torch.linalg.solve(Hm, X.T @ t)
+        u = torch.linalg.solve(Hm, Xv.T @ (Xv @ w - tv))
+        return w, -w * u * torch.exp(lam)  # dF/dlam_i = -w_i u_i e^{lam_i} (chain rule through exp)
+
+    return X, t, g, f, closed_form
+
+
+@pytest.mark.parametrize("optimizer,options,steps,tol", [(torch.optim.SGD, {"lr": 0.01, "momentum": 0.9}, 400, 1e-6),
+                                                         (torch.optim.Adam, {"lr": 0.05}, 1500, 1e-4)],
+                         ids=["sgd-momentum", "adam"])
+def test_torch_optim_reaches_ridge_closed_form_and_implicit_matches_the_hypergradient(optimizer, options, steps, tol):
+    """Adam with a constant learning rate hovers around the minimizer: a looser (stated) tolerance."""
+    X, t, g, f, closed_form = _ridge()
+    lam = torch.full((5,), 0.5, requires_grad=True)
+    lower = bl.LowerProblem(g, solver=bl.TorchOptim(optimizer, steps, **options))
+    w = bl.solve(lower, lam, torch.zeros(5), bl.Implicit(bl.CG(maxiter=10)))
+    w_ref, grad_ref = closed_form(lam.detach())
+    assert float((w.detach() - w_ref).norm() / w_ref.norm()) < tol
+    f(lam, w).backward()
+    assert float((lam.grad - grad_ref).norm() / grad_ref.norm()) < 10 * tol
+
+
+def test_minibatch_steps_from_a_dataloader_equal_a_hand_written_loop():
+    X, t, g, _, _ = _ridge()
+    loader = DataLoader(TensorDataset(X, t), batch_size=8, shuffle=False)
+    lam = torch.zeros(5)
+    solver = bl.TorchOptim(torch.optim.SGD, 12, batches=loader, lr=0.002, momentum=0.5)
+    w = solver.run(bl.LowerProblem(g), lam, torch.zeros(5))
+    ref = torch.zeros(5, requires_grad=True)
+    opt = torch.optim.SGD([ref], lr=0.002, momentum=0.5)
+    batches = list(loader) * 3  # 12 steps cycle over the 5 batches of one pass
+    for k in range(12):
+        opt.zero_grad()
+        g(lam, ref, batches[k]).backward()
+        opt.step()
+    assert torch.allclose(w, ref.detach(), rtol=1e-13, atol=1e-15)
+
+
+def test_box_constrained_torch_optim_keeps_active_set_exactness():
+    q = quadratic(n=5, m=3)
+    x = torch.randn(3, requires_grad=True)
+    y_free = q.y_star(x.detach())
+    # an upper bound just below one coordinate of the free solution makes that coordinate active
+    k = int(torch.argmax(y_free))
+    upper = torch.full((5,), 10.0)
+    upper[k] = float(y_free[k]) - 0.5
+    lower = bl.LowerProblem(q.g, constraint=bl.Box(-10.0, upper),
+                            solver=bl.TorchOptim(torch.optim.SGD, 600, lr=0.2, momentum=0.5))
+    y = bl.solve(lower, x, torch.zeros(5), bl.Implicit(bl.DenseSolve()))
+    free = torch.ones(5, dtype=torch.bool)
+    free[k] = False
+    assert float(y.detach()[k]) == float(upper[k])
+    # closed form on the free set with y_k fixed at its bound
+    F = free.nonzero().squeeze(1)
+    rhs = (q.C.T @ x.detach() + q.a0)[F] + q.H[F, k] * upper[k]
+    y_F = -torch.linalg.solve(q.H[F][:, F], rhs)
+    assert torch.allclose(y.detach()[F], y_F, atol=1e-10)
+    w = torch.randn(5)
+    (y * w).sum().backward()
+    oracle = -q.C[:, F] @ torch.linalg.solve(q.H[F][:, F], w[F])
+    assert torch.allclose(x.grad, oracle, rtol=1e-10, atol=1e-12)
+
+
+def test_torch_optim_refuses_unrolled_and_bad_input():
+    q = quadratic()
+    lower = bl.LowerProblem(q.g, solver=bl.TorchOptim(torch.optim.SGD, 5, lr=0.1))
+    x = torch.randn(3, requires_grad=True)
+    with pytest.raises(TypeError, match="Unrolled"):
+        bl.solve(lower, x, torch.zeros(4), bl.Unrolled())
+    with pytest.raises(ValueError, match="steps"):
+        bl.TorchOptim(torch.optim.SGD, -1, lr=0.1)
+    with pytest.raises(TypeError, match="optimizer"):
+        bl.TorchOptim("sgd", 5)
+    with pytest.raises(TypeError, match="batch source"):
+        bl.TorchOptim(torch.optim.SGD, 5, batches=3, lr=0.1)
+    assert "SGD" in repr(lower.solver) and "lr=0.1" in repr(lower.solver)
+
+
+def test_first_order_over_torch_optim_returns_the_detached_ridge_solution():
+    _, _, g, f, closed_form = _ridge()
+    lam = torch.full((5,), 0.5, requires_grad=True)
+    lower = bl.LowerProblem(g, solver=bl.TorchOptim(torch.optim.SGD, 400, lr=0.01, momentum=0.9))
+    w = bl.solve(lower, lam, torch.zeros(5), bl.FirstOrder())
+    w_ref, _ = closed_form(lam.detach())
+    assert not w.requires_grad and float((w - w_ref).norm() / w_ref.norm()) < 1e-6
