@@ -69,8 +69,9 @@ class Method:
 
     def start(self, ctx: Context, theta0: Params) -> None:
         self.ctx = ctx
-        self.train_batches = bl.RandomBatches(ctx.problem.n_train, ctx.batch_size, seed=ctx.seed + 1)
-        self.val_batches = bl.RandomBatches(ctx.problem.n_val, ctx.val_batch_size, seed=ctx.seed + 2)
+        device = ctx.problem.data.x_train.device
+        self.train_batches = bl.RandomBatches(ctx.problem.n_train, ctx.batch_size, seed=ctx.seed + 1, device=device)
+        self.val_batches = bl.RandomBatches(ctx.problem.n_val, ctx.val_batch_size, seed=ctx.seed + 2, device=device)
         self.theta = {k: v.detach().clone() for k, v in theta0.items()}
         self.setup()
 
@@ -159,7 +160,8 @@ class UnrolledMethod(Method):
     unroll_batch: int = 512
 
     def setup(self) -> None:
-        self.batches = bl.RandomBatches(self.ctx.problem.n_train, self.unroll_batch, seed=self.ctx.seed + 3)
+        self.batches = bl.RandomBatches(self.ctx.problem.n_train, self.unroll_batch, seed=self.ctx.seed + 3,
+                                        device=self.ctx.problem.data.x_train.device)
         self.lower = bl.LowerProblem(self.ctx.problem.lower, solver=bl.GradientDescent(self.inner_lr, self.inner_steps))
         self.strategy = bl.Unrolled(truncate=self.truncate)
 

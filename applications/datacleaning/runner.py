@@ -9,6 +9,7 @@ same mini-batch SGD.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any, Callable, Dict, List, Optional
 
@@ -53,7 +54,7 @@ class MethodRun:
                   "val_loss": float(pb.val_loss(self.method.theta)),
                   "test_acc": float(pb.test_accuracy(self.method.theta)),
                   **weight_quality(self.w.detach(), pb.data.corrupted)}
-        if not all(torch.isfinite(torch.tensor([record["val_loss"]]))):
+        if not math.isfinite(record["val_loss"]):
             raise FloatingPointError(f"{self.name}: the validation loss is {record['val_loss']} at step {self.step}; "
                                      "lower the method's step sizes")
         self.history.append(record)
@@ -94,7 +95,7 @@ class MethodRun:
 def train_fixed_weights(problem: DataCleaning, weights: torch.Tensor, theta0: Params, steps: int, batch_size: int,
                         lr: float, momentum: float, seed: int) -> Params:
     r""":math:`\arg\min_\theta` of the loss weighted by fixed ``weights``, by ``steps`` of mini-batch SGD from ``theta0``."""
-    solver = bl.TorchOptim(torch.optim.SGD, steps, batches=bl.RandomBatches(problem.n_train, batch_size, seed=seed),
-                           lr=lr, momentum=momentum)
+    batches = bl.RandomBatches(problem.n_train, batch_size, seed=seed, device=weights.device)
+    solver = bl.TorchOptim(torch.optim.SGD, steps, batches=batches, lr=lr, momentum=momentum)
     lower = bl.LowerProblem(problem.weighted_loss, solver=solver)
     return solver.run(lower, weights, theta0)

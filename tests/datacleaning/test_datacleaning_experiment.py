@@ -10,11 +10,18 @@ from applications.datacleaning.experiment import run_experiment
 from applications.datacleaning.methods import METHODS
 
 
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    threads = torch.get_num_threads()  # the runs set cpu_threads: 1
+    yield
+    torch.set_num_threads(threads)
+
+
 def small(tmp_path, name, methods, steps=60, **extra):
     raw = {"data": {"n_train": 600, "n_val": 200, "n_test": 200, "p": 0.5},
            "train": {"steps": steps, "eval_every": 20, "batch_size": 64, "val_batch_size": 64, "outer_lr": 0.3,
                      "baseline_steps": 200},
-           "methods": methods, "cpu_threads": None, "output": {"dir": str(tmp_path), "name": name}, **extra}
+           "methods": methods, "output": {"dir": str(tmp_path), "name": name}, **extra}
     return config_from_dict(raw)
 
 
