@@ -80,6 +80,7 @@ def write_plot(path: Path, histories: Mapping[str, List[Mapping[str, Any]]],
         ax.axhline(b["val_loss"], ls="--", color=f"C{7 + i}", lw=1, label=f"{name} (baseline)")
     for a in (ax, ax2):
         a.set_xscale("symlog", linthresh=1.0)
+        a.set_xlim(left=0)
     ax.set_xlabel("training time (s)")
     ax.set_ylabel("validation loss")
     ax.set_yscale("log")

@@ -67,3 +67,13 @@ def test_resume_continues_bit_exactly(tmp_path, name):
     w_a = torch.load(tmp_path / "a" / "state.pt", weights_only=True)["runs"][name]["w"]
     w_b = torch.load(tmp_path / "b" / "state.pt", weights_only=True)["runs"][name]["w"]
     assert torch.equal(w_a, w_b)
+
+
+def test_a_checkpoint_of_another_problem_is_refused(tmp_path):
+    from applications.adversarial.checkpoint import CheckpointError
+
+    run_experiment(small(tmp_path, "c", ["f2sa"], steps=20, baselines=False), log=lambda s: None, progress=False)
+    other = config_from_dict({**small(tmp_path, "c", ["f2sa"], steps=20, baselines=False).to_dict(),
+                              "data": {"n_train": 600, "n_val": 200, "n_test": 200, "p": 0.3}})
+    with pytest.raises(CheckpointError, match="data.p: saved=0.5 new=0.3"):
+        run_experiment(other, log=lambda s: None, progress=False)
