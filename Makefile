@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 # The CPU build of PyTorch first, so no dependency resolution pulls a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: train test lint docs hyperopt clean
+.PHONY: train test lint docs hyperopt datacleaning clean
 
 $(VENV)/.apps: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,9 @@ train: $(VENV)/.apps
 
 hyperopt: $(VENV)/.apps
 	$(VENV)/bin/bilevel-hyperopt
+
+datacleaning: $(VENV)/.apps
+	$(PY) -m applications.datacleaning $(ARGS)
 
 test: $(VENV)/.dev
 	$(PY) -m ruff check .

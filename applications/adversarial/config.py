@@ -74,7 +74,10 @@ __all__ = [
     "TrainConfig",
     "apply_overrides",
     "as_float",
+    "check_options",
     "config_from_dict",
+    "describe_error",
+    "did_you_mean",
     "config_to_dict",
     "load_config",
     "parse_override",
@@ -134,7 +137,8 @@ Real = Annotated[float, BeforeValidator(_fraction), AllowInfNan(False)]
 AnyReal = Annotated[float, BeforeValidator(_fraction)]
 
 
-def _did_you_mean(key: str, valid: Sequence[str]) -> str:
+def did_you_mean(key: str, valid: Sequence[str]) -> str:
+    """The hint `` (did you mean 'x'?)`` for an unknown ``key`` among ``valid`` (empty when none is close)."""
     close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
@@ -205,7 +209,7 @@ class ModelConfig(_NamedOptions):
         key = name.strip().lower().replace("-", "_")
         if models.MODEL_ALIASES.get(key, key) not in models.MODELS:
             valid = sorted(models.MODELS)
-            raise ValueError(f"unknown model {name!r}{_did_you_mean(name, valid)}; valid: {', '.join(valid)}")
+            raise ValueError(f"unknown model {name!r}{did_you_mean(name, valid)}; valid: {', '.join(valid)}")
         return name
 
 
@@ -373,17 +377,17 @@ def _fields_at(model: Type[BaseModel], loc: Sequence[Any]) -> List[str]:
     return list(model.model_fields)
 
 
-def _describe(error: Mapping[str, Any], root: Type[BaseModel], prefix: Tuple[str, ...] = ()) -> str:
+def describe_error(error: Mapping[str, Any], root: Type[BaseModel], prefix: Tuple[str, ...] = ()) -> str:
     """One pydantic error as one line: ``key.path: what is wrong`` (unknown keys with a suggestion)."""
     loc = prefix + tuple(str(k) for k in error["loc"])
     path = ".".join(loc) or "config"
     kind, value, ctx = error["type"], error.get("input"), error.get("ctx") or {}
     if kind == "extra_forbidden":
         valid = _fields_at(root, loc[len(prefix):-1])
-        return f"unknown key {path!r}{_did_you_mean(loc[-1], valid)}"
+        return f"unknown key {path!r}{did_you_mean(loc[-1], valid)}"
     if kind == "literal_error":
         choices = re.findall(r"'([^']*)'", str(ctx.get("expected", "")))
-        hint = _did_you_mean(str(value), choices) if isinstance(value, str) else ""
+        hint = did_you_mean(str(value), choices) if isinstance(value, str) else ""
         return f"{path}: expected {' | '.join(choices)}, got {value!r}{hint}"
     if kind.endswith(("_type", "_parsing")) and kind.rsplit("_", 1)[0] in _TYPE_NAMES:
         expected = _TYPE_NAMES[kind.rsplit("_", 1)[0]]
@@ -449,14 +453,14 @@ def _options_model(cls: type) -> Type[BaseModel]:
     return create_model(f"{cls.__name__}Options", __config__=ConfigDict(extra="forbid"), **fields)
 
 
-def _check_options(cls: type, options: Dict[str, Any], where: str, owner: str,
-                   problems: List[str], hint: str = "") -> Tuple[Dict[str, Any], bool]:
+def check_options(cls: type, options: Dict[str, Any], where: str, owner: str,
+                  problems: List[str], hint: str = "") -> Tuple[Dict[str, Any], bool]:
     """The known ``options`` typed by the fields of dataclass ``cls``, and whether all of them were
     valid (unknown keys and type errors recorded in ``problems``; ``hint`` ends the last unknown key's)."""
     fields = _init_fields(cls)
     unknown = [key for key in options if key not in fields]
     for key in unknown:
-        problems.append(f"unknown key '{where}.{key}'{owner}{_did_you_mean(str(key), fields)}; "
+        problems.append(f"unknown key '{where}.{key}'{owner}{did_you_mean(str(key), fields)}; "
                         f"valid: {', '.join(fields)}{hint if key == unknown[-1] else ''}")
     known = {k: v for k, v in options.items() if k in fields}
     try:
@@ -466,7 +470,7 @@ def _check_options(cls: type, options: Dict[str, Any], where: str, owner: str,
             if e["type"] == "missing":
                 problems.append(f"{where}.{e['loc'][0]}: required{owner}")
             else:
-                problems.append(_describe(e, BaseModel, (where,)))
+                problems.append(describe_error(e, BaseModel, (where,)))
         return known, False
     return {k: getattr(model, k) for k in known}, len(known) == len(options)
 
@@ -490,7 +494,7 @@ def _method_problems(method: MethodConfig, problems: List[str]) -> Optional[Any]
     cls = METHODS.get(method.name)
     if cls is None:
         valid = sorted(METHODS)
-        problems.append(f"method.name: unknown method {method.name!r}{_did_you_mean(method.name, valid)}; "
+        problems.append(f"method.name: unknown method {method.name!r}{did_you_mean(method.name, valid)}; "
                         f"valid: {', '.join(valid)}")
         eps = as_float(method.options.get("eps", 0.0))
         try:  # the one option every method has
@@ -505,7 +509,7 @@ def _method_problems(method: MethodConfig, problems: List[str]) -> Optional[Any]
         kept = ", ".join(f"{k}: {_flow(v)}" for k, v in method.options.items() if k in own)
         hint = (f"; a config written for another method keeps its options when only method.name changes: "
                 f"replace the whole section, e.g. method={{name: {method.name}{', ' + kept if kept else ''}}}")
-    options, all_valid = _check_options(cls, method.options, "method", f" for method {method.name!r}", problems,
+    options, all_valid = check_options(cls, method.options, "method", f" for method {method.name!r}", problems,
                                         hint)
     if not all_valid and len(options) == len(method.options):
         return None  # a type error: the method's own checks would repeat it
@@ -542,7 +546,7 @@ def _cross_problems(cfg: Dict[str, Any], problems: List[str]) -> None:
     if co is not None and co.options:
         from .overfitting import CatastrophicOverfitting
 
-        options, all_valid = _check_options(CatastrophicOverfitting, co.options, "co", "", problems)
+        options, all_valid = check_options(CatastrophicOverfitting, co.options, "co", "", problems)
         if all_valid:
             co.options = options
             try:
@@ -568,7 +572,7 @@ def config_from_dict(raw: Any) -> Config:
         cfg = Config.model_validate(raw)
         sections: Dict[str, Any] = {name: getattr(cfg, name) for name in _SECTIONS}
     except ValidationError as exc:
-        problems.extend(_describe(e, Config) for e in exc.errors())
+        problems.extend(describe_error(e, Config) for e in exc.errors())
         sections = {}
         for name, model in _SECTIONS.items():
             try:

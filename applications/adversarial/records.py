@@ -13,7 +13,7 @@ import csv
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 __all__ = ["METRIC_FIELDS", "RUN_FILES", "TENSORBOARD_DIR", "TensorBoardScalars", "write_json", "write_metrics",
            "write_plot"]
@@ -34,17 +34,17 @@ def write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def write_metrics(run_dir: Path, history: List[Dict[str, Any]]) -> None:
-    """metrics.jsonl and metrics.csv rewritten from the history (atomic renames)."""
+def write_metrics(run_dir: Path, history: List[Dict[str, Any]], fields: Sequence[str] = METRIC_FIELDS) -> None:
+    """metrics.jsonl and metrics.csv (columns ``fields``) rewritten from the history (atomic renames)."""
     tmp = run_dir / ".metrics.jsonl.tmp"
     tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
     os.replace(tmp, run_dir / "metrics.jsonl")
     tmp = run_dir / ".metrics.csv.tmp"
     with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(METRIC_FIELDS), extrasaction="ignore")
+        w = csv.DictWriter(f, fieldnames=list(fields), extrasaction="ignore")
         w.writeheader()
         for r in history:
-            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in METRIC_FIELDS})
+            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in fields})
     os.replace(tmp, run_dir / "metrics.csv")
 
 

@@ -31,6 +31,8 @@ COMMANDS = {
     "applications/adversarial/train.py": "applications/adversarial/train.py",
     "bilevel-evaluate": "applications/adversarial/evaluate.py",
     "bilevel-hyperopt": "applications/hyperopt/digits_l2.py",
+    "bilevel-datacleaning": "applications/datacleaning/__main__.py",
+    "applications.datacleaning": "applications/datacleaning/__main__.py",
 }
 
 

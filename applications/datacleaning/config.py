@@ -1,0 +1,195 @@
+"""The data-cleaning run's configuration: pydantic models of the YAML, ``key=value`` overrides, one error.
+
+Shares the adversarial app's conventions and helpers (:class:`~applications.adversarial.config.ConfigError`
+listing every problem with its key path, did-you-mean suggestions, overrides parsed by YAML, a method's
+options typed by its dataclass). Sections::
+
+    seed: 0                       # corruption, initialization and every sampler derive from it
+    device: cpu                   # cpu | cuda | cuda:N
+    cpu_threads: 1                # torch.set_num_threads (null: torch's default)
+    data:   name (mnist5k | cifar10), path, n_train, n_val, n_test, p, limit_per_class
+    model:  name (linear | small_cnn), weight_decay, options: {width, hidden, pool_size}
+    train:  steps, eval_every, time_budget_s, batch_size, val_batch_size, outer_lr, w0,
+            baseline_steps, baseline_lr, baseline_momentum
+    methods: [name | {name, <that method's options>}, ...]   # run in this order, side by side
+    baselines: true               # unweighted and clean-only (oracle) training in the same run
+    target_val_loss: null         # time-to-target column of the table (null: the oracle's validation loss)
+    output: dir, name, overwrite
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Dict, List, Literal, Optional, Sequence, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, field_validator
+
+from applications.adversarial.config import (
+    ConfigError,
+    Real,
+    apply_overrides,
+    check_options,
+    describe_error,
+    did_you_mean,
+    read_yaml,
+)
+
+from .methods import METHODS, build_method
+
+__all__ = ["CONFIG_DIR", "Config", "ConfigError", "DEFAULT_CONFIG", "DataConfig", "MethodEntry", "ModelConfig", "OutputConfig",
+           "TrainConfig", "config_from_dict", "load_config"]
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+#: The default run: MNIST 5k, p = 0.5, the linear model, every method with its tuned options.
+DEFAULT_CONFIG = CONFIG_DIR / "mnist_linear.yaml"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(_Section):
+    """``name``: mnist5k (embedded, offline) or cifar10 (``path``: the image-folder tree or archive);
+    splits of the loader's training images: ``n_train`` then ``n_val``; ``n_test`` test images; ``p``: the
+    fraction of corrupted training labels; ``limit_per_class``: images per class read from an image folder."""
+
+    name: Literal["mnist5k", "cifar10"] = "mnist5k"
+    path: Optional[StrictStr] = None
+    n_train: StrictInt = Field(3000, gt=0)
+    n_val: StrictInt = Field(1000, gt=0)
+    n_test: StrictInt = Field(1000, gt=0)
+    p: Real = Field(0.5, ge=0, lt=1)
+    limit_per_class: Optional[StrictInt] = Field(None, gt=0)
+
+
+class ModelConfig(_Section):
+    """``name``: linear (multinomial logistic regression) or small_cnn; ``weight_decay``: mu of the lower
+    problem; ``options``: the small CNN's ``width``, ``hidden``, ``pool_size``."""
+
+    name: Literal["linear", "small_cnn"] = "linear"
+    weight_decay: Real = Field(1e-3, ge=0)
+    options: Dict[str, StrictInt] = Field(default_factory=dict)
+
+
+class TrainConfig(_Section):
+    """``steps`` outer steps per method (or until ``time_budget_s`` seconds of training), evaluated every
+    ``eval_every``; mini-batches of ``batch_size`` training and ``val_batch_size`` validation samples;
+    ``outer_lr``: SGD's step on the weight logits per sample (the optimizer's lr is ``outer_lr * n_train``,
+    since the gradient of a mean over n samples has entries O(1/n)); ``w0``: the initial logit. Baselines:
+    ``baseline_steps`` of SGD (``baseline_lr``, ``baseline_momentum``) on batches of ``batch_size``."""
+
+    steps: StrictInt = Field(300, gt=0)
+    eval_every: StrictInt = Field(30, gt=0)
+    time_budget_s: Optional[Real] = Field(None, gt=0)
+    batch_size: StrictInt = Field(128, gt=0)
+    val_batch_size: StrictInt = Field(128, gt=0)
+    outer_lr: Real = Field(10.0, gt=0)
+    w0: Real = 0.0
+    baseline_steps: StrictInt = Field(1000, gt=0)
+    baseline_lr: Real = Field(0.01, gt=0)
+    baseline_momentum: Real = Field(0.9, ge=0)
+
+
+class MethodEntry(_Section):
+    """A method ``name`` and its options (written flat next to the name; a bare string is the name)."""
+
+    name: StrictStr
+    options: Dict[str, Any] = Field(default_factory=dict)
+
+
+def _entry(raw: Any) -> Any:
+    if isinstance(raw, str):
+        return {"name": raw}
+    if isinstance(raw, dict) and "options" not in raw:
+        return {"name": raw.get("name"), "options": {k: v for k, v in raw.items() if k != "name"}}
+    return raw
+
+
+class OutputConfig(_Section):
+    """Run directory ``dir/name`` (name default: ``<data>_<model>_p<p>_seed<seed>``); ``overwrite``: start
+    afresh in a directory that holds a previous run (otherwise the run resumes: finished methods are kept)."""
+
+    dir: StrictStr = Field("runs/datacleaning", min_length=1)
+    name: Optional[StrictStr] = None
+    overwrite: StrictBool = False
+
+
+class Config(_Section):
+    """A whole run."""
+
+    seed: StrictInt = Field(0, ge=0)
+    device: StrictStr = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
+    cpu_threads: Optional[StrictInt] = Field(1, gt=0)
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    methods: List[MethodEntry] = Field(default_factory=lambda: [MethodEntry(name=n) for n in METHODS])
+    baselines: StrictBool = True
+    target_val_loss: Optional[Real] = Field(None, gt=0)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @field_validator("methods", mode="before")
+    @classmethod
+    def _entries(cls, raw: Any) -> Any:
+        return [_entry(r) for r in raw] if isinstance(raw, list) else raw
+
+    def run_name(self) -> str:
+        return self.output.name or f"{self.data.name}_{self.model.name}_p{self.data.p:g}_seed{self.seed}"
+
+    def to_dict(self) -> Dict[str, Any]:
+        out = self.model_dump()
+        out["methods"] = [{"name": m["name"], **m["options"]} for m in out["methods"]]
+        return out
+
+
+def _method_problems(cfg: Config, problems: List[str]) -> None:
+    """Each method entry's name and options, through the method's dataclass (types, then its range checks)."""
+    for i, entry in enumerate(cfg.methods):
+        where = f"methods[{i}]"
+        cls = METHODS.get(entry.name)
+        if cls is None:
+            problems.append(f"{where}.name: unknown method {entry.name!r}{did_you_mean(entry.name, list(METHODS))}; "
+                            f"valid: {', '.join(METHODS)}")
+            continue
+        options, ok = check_options(cls, entry.options, where, f" for method {entry.name!r}", problems)
+        if ok:
+            try:
+                build_method(entry.name, **options)
+                entry.options = options
+            except (TypeError, ValueError) as exc:
+                problems.append(f"{where} ({entry.name}): {exc}")
+    names = [m.name for m in cfg.methods]
+    for name in sorted({n for n in names if names.count(n) > 1}):
+        problems.append(f"methods: {name!r} is listed more than once")
+
+
+def config_from_dict(raw: Any) -> Config:
+    """A validated :class:`Config` from the YAML mapping; one :class:`ConfigError` listing every problem."""
+    raw = copy.deepcopy(raw) if raw is not None else {}
+    if not isinstance(raw, dict):
+        raise ConfigError([f"config: expected a mapping at the top level, got {type(raw).__name__}"])
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError([describe_error(e, Config) for e in exc.errors()]) from None
+    problems: List[str] = []
+    _method_problems(cfg, problems)
+    if cfg.data.name == "cifar10" and not cfg.data.path:
+        problems.append("data.path: dataset 'cifar10' needs a path (the image-folder tree or archive)")
+    elif cfg.data.path and not Path(cfg.data.path).expanduser().exists():
+        problems.append(f"data.path: {cfg.data.path!r} does not exist")
+    if cfg.model.name == "linear" and cfg.model.options:
+        problems.append(f"model.options: the linear model takes no options, got {sorted(cfg.model.options)}")
+    unknown = set(cfg.model.options) - {"width", "hidden", "pool_size"}
+    if cfg.model.name == "small_cnn" and unknown:
+        problems.append(f"model.options: unknown {sorted(unknown)}; valid: width, hidden, pool_size")
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def load_config(path: Union[str, Path, None] = None, overrides: Sequence[str] = ()) -> Config:
+    """Reads the YAML file ``path`` (default: :data:`DEFAULT_CONFIG`), applies ``key.sub=value`` overrides, validates."""
+    raw = read_yaml(DEFAULT_CONFIG if path is None else path)
+    return config_from_dict(apply_overrides(raw, overrides))

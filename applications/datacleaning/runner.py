@@ -1,0 +1,101 @@
+r"""One method's run: Adam on the weight logits :math:`w`, the method's step, periodic evaluation.
+
+Every ``eval_every`` outer steps the run records (host syncs only there): the wall time spent in
+training steps (evaluation excluded), the full validation loss and test accuracy of the current
+:math:`\theta`, and the weights' quality (:func:`~.weights.weight_quality`). The baselines train
+:math:`\theta` with fixed weights (1 for every sample; or 1 for the clean ones only, the oracle) by the
+same mini-batch SGD.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+
+import bilevel as bl
+
+from .methods import Context, Method
+from .problem import DataCleaning, Params
+from .weights import weight_quality
+
+__all__ = ["MethodRun", "train_fixed_weights"]
+
+
+class MethodRun:
+    """The state of one method's run (``w``, its Adam, the method, the history), resumable from :meth:`state_dict`.
+
+    Args:
+        method: the method (its options).
+        ctx: problem, batch sizes, seed.
+        theta0: the initial lower iterate.
+        outer_lr: Adam's learning rate on :math:`w` (the method's ``outer_lr`` wins when set).
+        w0: the initial logit of every weight.
+    """
+
+    def __init__(self, name: str, method: Method, ctx: Context, theta0: Params, outer_lr: float, w0: float = 0.0
+                 ) -> None:
+        self.name, self.method, self.ctx = name, method, ctx
+        method.start(ctx, theta0)
+        self.w = torch.full((ctx.problem.n_train,), float(w0), dtype=ctx.problem.data.x_train.dtype,
+                            device=ctx.problem.data.x_train.device, requires_grad=True)
+        lr = method.outer_lr if method.outer_lr is not None else outer_lr
+        self.optimizer = torch.optim.SGD([self.w], lr=lr * ctx.problem.n_train)
+        self.step = 0
+        self.train_time = 0.0
+        self.history: List[Dict[str, Any]] = []
+
+    def evaluate(self) -> Dict[str, Any]:
+        """Appends and returns the record at the current step."""
+        pb = self.ctx.problem
+        record = {"method": self.name, "step": self.step, "time_s": round(self.train_time, 4),
+                  "val_loss": float(pb.val_loss(self.method.theta)),
+                  "test_acc": float(pb.test_accuracy(self.method.theta)),
+                  **weight_quality(self.w.detach(), pb.data.corrupted)}
+        if not math.isfinite(record["val_loss"]):
+            raise FloatingPointError(f"{self.name}: the validation loss is {record['val_loss']} at step {self.step}; "
+                                     "lower the method's step sizes")
+        self.history.append(record)
+        return record
+
+    def run(self, steps: int, eval_every: int, time_budget_s: Optional[float] = None,
+            on_eval: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
+        """Outer steps until ``steps`` (or ``time_budget_s`` of training time); returns the last record."""
+        if not self.history:
+            record = self.evaluate()
+            if on_eval:
+                on_eval(record)
+        while self.step < steps and (time_budget_s is None or self.train_time < time_budget_s):
+            start = time.perf_counter()
+            for _ in range(min(eval_every, steps - self.step)):
+                self.optimizer.zero_grad(set_to_none=True)
+                self.method.step(self.w)
+                self.optimizer.step()
+                self.step += 1
+            self.train_time += time.perf_counter() - start
+            record = self.evaluate()
+            if on_eval:
+                on_eval(record)
+        return self.history[-1]
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"w": self.w.detach().clone(), "optimizer": self.optimizer.state_dict(), "step": self.step,
+                "train_time": self.train_time, "history": self.history, "method": self.method.state_dict()}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        with torch.no_grad():
+            self.w.copy_(state["w"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.train_time, self.history = state["step"], state["train_time"], list(state["history"])
+        self.method.load_state_dict(state["method"])
+
+
+def train_fixed_weights(problem: DataCleaning, weights: torch.Tensor, theta0: Params, steps: int, batch_size: int,
+                        lr: float, momentum: float, seed: int) -> Params:
+    r""":math:`\arg\min_\theta` of the loss weighted by fixed ``weights``, by ``steps`` of mini-batch SGD from ``theta0``."""
+    batches = bl.RandomBatches(problem.n_train, batch_size, seed=seed, device=weights.device)
+    solver = bl.TorchOptim(torch.optim.SGD, steps, batches=batches, lr=lr, momentum=momentum)
+    lower = bl.LowerProblem(problem.weighted_loss, solver=solver)
+    return solver.run(lower, weights, theta0)
