@@ -16,8 +16,8 @@ Collected per run: seconds per training epoch (the trainer's ``epoch_time_s``, v
 training time, wall time of the subprocess, SA / RA-PGD / RA-AA for best and last, the best epoch. Written
 to ``results/table1_<device>.json`` and ``results/table1_<device>.md`` (mean ± std over ``--seeds``).
 
-Data: ``--data PATH`` is CIFAR-10 as the JPEG image-folder tarball (``/work/shared/data/cifar10-jpg.tar.gz``
-on the project machines; decoded once by the data loader and cached) or any path the loader accepts.
+Data: ``--data PATH`` is CIFAR-10 as the JPEG image-folder tarball (``../shared/data/cifar10-jpg.tar.gz``
+beside the checkout on the project machines; decoded once by the data loader and cached) or any path the loader accepts.
 
 ``--tiny`` (CPU smoke mode): a few hundred images extracted from the same tarball into a temporary archive,
 the small CNN instead of PreActResNet-18, one epoch, PGD-3-1 and APGD-CE alone as "AutoAttack" (not RA-AA);
@@ -51,7 +51,7 @@ from benchmarks.common import RESULTS_DIR, machine_info, markdown_table, write_j
 TRAIN_PY = REPO / "applications" / "adversarial" / "train.py"
 EVALUATE_PY = REPO / "applications" / "adversarial" / "evaluate.py"
 CONFIG_DIR = REPO / "applications" / "adversarial" / "configs"
-DEFAULT_DATA = Path("/work/shared/data/cifar10-jpg.tar.gz")
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpg.tar.gz"  # shared/ beside the checkout
 
 #: the paper's Table 1 (arXiv v1; mean over 10 runs, one P100), for the side-by-side columns
 PAPER = {

@@ -24,7 +24,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks import reproduce_table1, step_cost  # noqa: E402
 
-CIFAR = Path(os.environ.get("BILEVEL_CIFAR10", "/work/shared/data/cifar10-jpg.tar.gz"))
+CIFAR = Path(os.environ.get("BILEVEL_CIFAR10", Path(__file__).resolve().parents[3] / "shared" / "data" / "cifar10-jpg.tar.gz"))
 
 
 def _run(args, timeout=240):
