@@ -9,6 +9,7 @@ options typed by its dataclass). Sections::
     cpu_threads: 1                # torch.set_num_threads (null: torch's default)
     data:   name (mnist5k | cifar10), path, n_train, n_val, n_test, p, limit_per_class
     model:  name (linear | small_cnn), weight_decay, options: {width, hidden, pool_size}
+    weighting: name (logits | network), hidden   # one logit per sample, or Meta-Weight-Net's MLP of the loss
     train:  steps, eval_every, time_budget_s, batch_size, val_batch_size, outer_lr, w0,
             baseline_steps, baseline_lr, baseline_momentum
     methods: [name | {name, <that method's options>}, ...]   # run in this order, side by side
@@ -36,9 +37,10 @@ from applications.adversarial.config import (
 )
 
 from .methods import METHODS, build_method
+from .weighting import SampleLogits, Weighting, WeightNet
 
 __all__ = ["CONFIG_DIR", "Config", "ConfigError", "DEFAULT_CONFIG", "DataConfig", "MethodEntry", "ModelConfig", "OutputConfig",
-           "TrainConfig", "config_from_dict", "load_config"]
+           "TrainConfig", "WeightingConfig", "config_from_dict", "load_config"]
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 #: The default run: MNIST 5k, p = 0.5, the linear model, every method with its tuned options.
@@ -70,6 +72,18 @@ class ModelConfig(_Section):
     name: Literal["linear", "small_cnn"] = "linear"
     weight_decay: Real = Field(1e-3, ge=0)
     options: Dict[str, StrictInt] = Field(default_factory=dict)
+
+
+class WeightingConfig(_Section):
+    """``name``: logits (one weight logit per training sample) or network (Meta-Weight-Net: an MLP
+    1 -> ``hidden`` -> 1 of the sample's detached loss; ``train.outer_lr`` is then its plain SGD step;
+    ``hidden`` is unused by the logits)."""
+
+    name: Literal["logits", "network"] = "logits"
+    hidden: StrictInt = Field(100, gt=0)
+
+    def build(self) -> Weighting:
+        return SampleLogits() if self.name == "logits" else WeightNet(self.hidden)
 
 
 class TrainConfig(_Section):
@@ -123,6 +137,7 @@ class Config(_Section):
     cpu_threads: Optional[StrictInt] = Field(1, gt=0)
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
+    weighting: WeightingConfig = Field(default_factory=WeightingConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     methods: List[MethodEntry] = Field(default_factory=lambda: [MethodEntry(name=n) for n in METHODS])
     baselines: StrictBool = True
@@ -135,7 +150,8 @@ class Config(_Section):
         return [_entry(r) for r in raw] if isinstance(raw, list) else raw
 
     def run_name(self) -> str:
-        return self.output.name or f"{self.data.name}_{self.model.name}_p{self.data.p:g}_seed{self.seed}"
+        mwn = "_mwn" if self.weighting.name == "network" else ""
+        return self.output.name or f"{self.data.name}_{self.model.name}{mwn}_p{self.data.p:g}_seed{self.seed}"
 
     def to_dict(self) -> Dict[str, Any]:
         out = self.model_dump()

@@ -34,8 +34,8 @@ __all__ = ["RUN_FILES", "run_experiment"]
 #: The files of a run directory (removed first by ``output.overwrite``).
 RUN_FILES = ("state.pt", "metrics.jsonl", "metrics.csv", "plot.png", "results.json")
 #: Config keys that must match to resume (with everything under ``model``).
-_PROBLEM_KEYS = ("seed", "data.name", "data.n_train", "data.n_val", "data.n_test", "data.p", "train.batch_size",
-                 "train.val_batch_size")
+_PROBLEM_KEYS = ("seed", "weighting.name", "weighting.hidden", "data.name", "data.n_train", "data.n_val",
+                 "data.n_test", "data.p", "train.batch_size", "train.val_batch_size")
 
 
 def _machine() -> Dict[str, Any]:
@@ -68,7 +68,7 @@ def run_experiment(cfg: Config, *, log: Callable[[str], None] = print, progress:
     model, theta0 = build_model(cfg.model.name, tuple(data.x_train.shape[1:]), data.num_classes, cfg.seed,
                                 **cfg.model.options)
     theta0 = {k: v.to(device) for k, v in theta0.items()}
-    problem = DataCleaning(data, model, cfg.model.weight_decay)
+    problem = DataCleaning(data, model, cfg.model.weight_decay, cfg.weighting.build())
     run_dir = Path(cfg.output.dir) / cfg.run_name()
     run_dir.mkdir(parents=True, exist_ok=True)
     state_path = run_dir / "state.pt"
@@ -119,7 +119,8 @@ def run_experiment(cfg: Config, *, log: Callable[[str], None] = print, progress:
     rows = [summary_row(name, hist, baselines, target) for name, hist in histories.items()]
     rows.sort(key=lambda r: -r["test_acc"])
     table = format_table(rows, baselines, target)
-    title = f"{cfg.data.name}, {cfg.model.name}, p = {cfg.data.p:g}"
+    mwn = ", Meta-Weight-Net" if cfg.weighting.name == "network" else ""
+    title = f"{cfg.data.name}, {cfg.model.name}{mwn}, p = {cfg.data.p:g}"
     write_plot(run_dir / "plot.png", histories, baselines, title)
     results = {"config": cfg.to_dict(), "machine": _machine(), "target_val_loss": target, "baselines": baselines,
                "table": rows, "best": rows[0]["method"] if rows else None, "histories": histories}

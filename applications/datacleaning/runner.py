@@ -1,8 +1,9 @@
-r"""One method's run: Adam on the weight logits :math:`w`, the method's step, periodic evaluation.
+r"""One method's run: SGD on the upper variable :math:`w`, the method's step, periodic evaluation.
 
 Every ``eval_every`` outer steps the run records (host syncs only there): the wall time spent in
 training steps (evaluation excluded), the full validation loss and test accuracy of the current
-:math:`\theta`, and the weights' quality (:func:`~.weights.weight_quality`). The baselines train
+:math:`\theta`, and the quality (:func:`~.weights.weight_quality`) of the weights the training samples
+get (for the weighting network: at their losses under the current :math:`\theta`). The baselines train
 :math:`\theta` with fixed weights (1 for every sample; or 1 for the clean ones only, the oracle) by the
 same mini-batch SGD.
 """
@@ -25,24 +26,25 @@ __all__ = ["MethodRun", "train_fixed_weights"]
 
 
 class MethodRun:
-    """The state of one method's run (``w``, its Adam, the method, the history), resumable from :meth:`state_dict`.
+    """The state of one method's run (``w``, its optimizer, the method, the history), resumable from :meth:`state_dict`.
 
     Args:
         method: the method (its options).
         ctx: problem, batch sizes, seed.
         theta0: the initial lower iterate.
-        outer_lr: Adam's learning rate on :math:`w` (the method's ``outer_lr`` wins when set).
-        w0: the initial logit of every weight.
+        outer_lr: SGD's learning rate on :math:`w`, times the weighting's ``lr_scale`` (the method's ``outer_lr``
+            wins when set).
+        w0: the initial logit of every weight (the network's output bias).
     """
 
     def __init__(self, name: str, method: Method, ctx: Context, theta0: Params, outer_lr: float, w0: float = 0.0
                  ) -> None:
         self.name, self.method, self.ctx = name, method, ctx
         method.start(ctx, theta0)
-        self.w = torch.full((ctx.problem.n_train,), float(w0), dtype=ctx.problem.data.x_train.dtype,
-                            device=ctx.problem.data.x_train.device, requires_grad=True)
+        pb = ctx.problem
+        self.w = pb.weighting.init(pb.n_train, w0, ctx.seed + 5, pb.data.x_train.dtype, pb.data.x_train.device)
         lr = method.outer_lr if method.outer_lr is not None else outer_lr
-        self.optimizer = torch.optim.SGD([self.w], lr=lr * ctx.problem.n_train)
+        self.optimizer = torch.optim.SGD([self.w], lr=lr * pb.weighting.lr_scale(pb.n_train))
         self.step = 0
         self.train_time = 0.0
         self.history: List[Dict[str, Any]] = []
@@ -53,7 +55,7 @@ class MethodRun:
         record = {"method": self.name, "step": self.step, "time_s": round(self.train_time, 4),
                   "val_loss": float(pb.val_loss(self.method.theta)),
                   "test_acc": float(pb.test_accuracy(self.method.theta)),
-                  **weight_quality(self.w.detach(), pb.data.corrupted)}
+                  **weight_quality(pb.weight_scores(self.w.detach(), self.method.theta), pb.data.corrupted)}
         if not math.isfinite(record["val_loss"]):
             raise FloatingPointError(f"{self.name}: the validation loss is {record['val_loss']} at step {self.step}; "
                                      "lower the method's step sizes")

@@ -40,3 +40,13 @@ def test_the_command_exits_2_with_the_message(capsys):
     assert main(["data.name=cifar10", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "invalid configuration (1 problem)" in err and "data.path: dataset 'cifar10' needs a path" in err
+
+
+def test_the_weighting_is_checked():
+    cfg = config_from_dict({"weighting": {"name": "network", "hidden": 8}})
+    assert (cfg.weighting.build().hidden, cfg.run_name()) == (8, "mnist5k_linear_mwn_p0.5_seed0")
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"weighting": {"name": "mlp"}})
+    assert info.value.problems == ["weighting.name: expected logits | network, got 'mlp'"]
+    with pytest.raises(ConfigError, match="weighting.hidden: must be > 0, got 0"):
+        config_from_dict({"weighting": {"name": "network", "hidden": 0}})

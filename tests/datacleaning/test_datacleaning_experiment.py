@@ -47,6 +47,26 @@ def test_a_short_run_improves_validation_and_down_weights_corrupted_samples(tmp_
     assert json.loads((tmp_path / "amigo" / "results.json").read_text())["best"] == "amigo"
 
 
+def test_a_short_run_of_the_weighting_network_improves_validation_and_down_weights_corrupted_samples(tmp_path):
+    cfg = small(tmp_path, "mwn", ["bome"], steps=40, baselines=False, weighting={"name": "network", "hidden": 16})
+    cfg.train.outer_lr = 1.0
+    history = run_experiment(cfg, log=lambda s: None, progress=False)["histories"]["bome"]
+    assert history[-1]["val_loss"] < 0.5 * history[0]["val_loss"]
+    assert history[-1]["auc"] > 0.9
+    state = torch.load(tmp_path / "mwn" / "state.pt", weights_only=True)
+    phi, theta = state["runs"]["bome"]["w"], state["runs"]["bome"]["method"]["theta"]
+    assert phi.shape == (3 * 16 + 1,)
+    from applications.datacleaning.data import load_cleaning_data
+    from applications.datacleaning.models import build_model
+    from applications.datacleaning.problem import DataCleaning
+
+    data = load_cleaning_data(n_train=600, n_val=200, n_test=200, p=0.5, seed=0)
+    model = build_model("linear", tuple(data.x_train.shape[1:]), data.num_classes, 0)[0]
+    problem = DataCleaning(data, model, 1e-3, cfg.weighting.build())
+    weights = torch.sigmoid(problem.weight_scores(phi, theta))
+    assert float(weights[~data.corrupted].mean() - weights[data.corrupted].mean()) > 0.1
+
+
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_every_method_lowers_the_validation_loss(tmp_path, name):
     cfg = small(tmp_path, name, [name], steps=20, baselines=False)
