@@ -2,7 +2,7 @@ r"""The methods that learn the per-sample weights, one small dataclass each; its
 
 Every method keeps the lower iterate :math:`\theta` (warm-started across outer steps) and, per outer
 step, leaves an estimate of :math:`\nabla_w f(\theta^\star(w))` in ``w.grad`` for the outer optimizer
-(Adam on :math:`w`). What each estimates, and on which batches:
+(SGD on :math:`w`, see :mod:`.runner`). What each estimates, and on which batches:
 
 * :class:`ImplicitMethod`: ``inner_steps`` SGD steps on :math:`g` (mini-batches, from the previous
   :math:`\theta`), then the exact implicit hypergradient on the *full* training set, the linear system
@@ -52,7 +52,7 @@ class Method:
     """Base: ``start(ctx, theta0)``, then ``step(w)`` per outer step (sets ``w.grad``); ``theta`` is the iterate.
 
     Args:
-        outer_lr: the learning rate of Adam on :math:`w` for this method (``None``: the run's ``train.outer_lr``).
+        outer_lr: the learning rate of SGD on :math:`w` for this method (``None``: the run's ``train.outer_lr``).
     """
 
     outer_lr: Optional[float] = None
