@@ -536,7 +536,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     print(f"problem: {info}", flush=True)
     results: Dict[str, Any] = {
         "benchmark": "stochastic_quadratic", "machine": machine_info("cpu"), "tiny": args.tiny,
-        "note": "shared 2-core machine (two other jobs running); the load averages below say how busy it was",
+        "note": "the load averages at the start and the end say how busy the machine was during the run",
         "load_average_start": load_average(), "problem": info, "budget_s": budget, "seed": args.seed,
         "benchopt_jax_seconds_to_target": BENCHOPT_JAX, "runs": [],
         "curve_note": "curves thinned to the first point of each of 120 log-spaced time bins; time_to and best/final "
