@@ -260,7 +260,9 @@ class EvalConfig(_Section):
     (``val_steps`` steps, ``val_restarts`` restarts, step ``val_step_size``, default eps/4) on the first
     ``val_n`` validation images. Final test: PGD-``test_steps``-``test_restarts`` with step
     ``test_step_size`` (default eps/4) on the first ``test_n`` test images (null: all) of the best and
-    the last checkpoint. ``eps``: attack radius (default: the method's eps)."""
+    the last checkpoint. ``autoattack_n``: also standard AutoAttack on the first ``autoattack_n`` test
+    images of the best checkpoint (needs ``pyautoattack``; null: off). ``eps``: attack radius (default:
+    the method's eps)."""
 
     eps: Optional[Real] = Field(None, ge=0, le=1)
     batch_size: StrictInt = Field(200, gt=0)
@@ -273,6 +275,16 @@ class EvalConfig(_Section):
     test_restarts: StrictInt = Field(10, gt=0)
     test_step_size: Optional[Real] = Field(None, ge=0)
     final_test: StrictBool = True
+    autoattack_n: Optional[StrictInt] = Field(None, gt=0)
+
+    @field_validator("autoattack_n")
+    @classmethod
+    def _autoattack_installed(cls, n: Optional[int]) -> Optional[int]:
+        import importlib.util
+
+        if n is not None and importlib.util.find_spec("pyautoattack") is None:
+            raise ValueError('needs the pyautoattack package: pip install "bilevel[autoattack]"')
+        return n
 
 
 class COConfig(_Section):

@@ -54,7 +54,7 @@ from .attacks import ShardedGenerator
 from .build import build_run_model, load_run_data
 from .config import Config, ConfigError, config_to_dict
 from .data import Augment, DeviceLoader
-from .evaluation import evaluate_attack_gap, evaluate_clean, evaluate_robust, format_table
+from .evaluation import autoattack_accuracy, evaluate_attack_gap, evaluate_clean, evaluate_robust, format_table
 from .methods import build_method
 from .overfitting import CatastrophicOverfitting
 from .records import RUN_FILES, TENSORBOARD_DIR, TensorBoardScalars, write_json, write_metrics, write_plot
@@ -607,6 +607,21 @@ class Trainer:
             epochs.close()
         return self._final(train_time, self.wall_before + time.perf_counter() - self.wall0)
 
+    def _autoattack(self, model: nn.Module, entry: Dict[str, Any]) -> None:
+        """Standard AutoAttack on the first ``eval.autoattack_n`` test images (the main process; one
+        process's evaluation, whatever the world size), recorded in ``entry`` and printed."""
+        cfg = self.cfg
+        if self.ctx.is_main:
+            n = min(int(cfg.eval.autoattack_n), len(self.data.test))
+            t0 = time.perf_counter()
+            r = autoattack_accuracy(model, self.data.test.x[:n], self.data.test.y[:n], cfg.eps,
+                                    batch_size=cfg.eval.batch_size, seed=cfg.seed)
+            entry.update({"autoattack_acc": r["robust_acc"], "autoattack_n": r["n"],
+                          "autoattack_time_s": time.perf_counter() - t0})
+            self.log(f"test (standard AutoAttack, eps {cfg.eps:.5g}): best checkpoint, first {r['n']} test images: "
+                     f"robust_acc {r['robust_acc']:.4f} (clean {r['clean_acc']:.4f})")
+        dist_lib.barrier(self.ctx)
+
     def _final(self, train_time: float, wall: float) -> Dict[str, Any]:
         cfg, ctx = self.cfg, self.ctx
         test: Dict[str, Any] = {}
@@ -623,6 +638,10 @@ class Trainer:
                 models.append(("best", best_model, int(best["epoch"])))  # the file's own epoch
             models.append(("last", self.model, self.epoch))
             for name, model, epoch in models:
+                if name == "last" and "best" in test and test["best"]["epoch"] == epoch:
+                    # the best checkpoint is the last epoch: same weights, same seeded attack, same numbers
+                    test[name] = {**test["best"], "time_s": 0.0}
+                    continue
                 t0 = time.perf_counter()
                 r = evaluate_robust(model, self.data.test, cfg.eval.test_n, cfg.eps, cfg.eval.test_steps,
                                     cfg.eval.test_restarts, cfg.eval.test_step_size, cfg.eval.batch_size,
@@ -631,6 +650,8 @@ class Trainer:
             rows = [[k, v["epoch"], v["n"], v["clean_acc"], v["robust_acc"]] for k, v in test.items()]
             self.log(f"test ({attack}, eps {cfg.eps:.5g}):\n" + format_table(
                 rows, ["checkpoint", "epoch", "n", "clean_acc", "robust_acc"]))
+            if cfg.eval.autoattack_n is not None and models[0][0] == "best":
+                self._autoattack(models[0][1], test["best"])
         results = {
             "run_dir": str(self.run_dir), "method": cfg.method.name, "model": cfg.model.name, "data": cfg.data.name,
             "eps": cfg.eps, "epochs_completed": self.epoch, "steps": self.step, "world_size": ctx.world_size,

@@ -178,3 +178,62 @@ def test_the_gap_signature_flags_a_run_that_only_defeats_its_own_attack(tmp_path
             assert [r["co_collapsed"] for r in rows] == [False, True, True]
         else:
             assert max(gaps) < 0.2 and not co["detected"], (gaps, co)
+
+
+def test_the_final_test_of_a_best_last_checkpoint_is_the_last_models_own(tmp_path, capsys):
+    """When the best epoch is the last, "last" reuses "best"'s numbers: they equal a fresh seeded PGD run
+    on the last checkpoint's weights, so skipping the second evaluation changes no number."""
+    from applications.adversarial.build import build_run_model, load_run_data
+    from applications.adversarial.config import config_from_dict
+    from applications.adversarial.distributed import DistContext
+    from applications.adversarial.evaluation import evaluate_robust
+    from applications.adversarial.seeds import Stream, mix_seed
+
+    cfg_path = write_config(tmp_path, "one")
+    res = train(capsys, "--config", cfg_path, "train.epochs=1")
+    assert res.rc == 0, res.err[-2000:]
+    results = json.loads((tmp_path / "one" / "results.json").read_text())
+    best, last = results["test"]["best"], results["test"]["last"]
+    assert best["epoch"] == last["epoch"] == 1 and last["time_s"] == 0.0
+    ck = load(tmp_path / "one" / "last.pt")
+    cfg = config_from_dict(ck["config"])
+    model = build_run_model(cfg, ck["data_info"])
+    model.load_state_dict(ck["model"])
+    test = load_run_data(cfg, torch.device("cpu"), need_train=False).test
+    fresh = evaluate_robust(model, test, cfg.eval.test_n, cfg.eps, cfg.eval.test_steps, cfg.eval.test_restarts,
+                            cfg.eval.test_step_size, cfg.eval.batch_size, mix_seed(cfg.seed, Stream.TEST),
+                            DistContext(0, 1, 0, torch.device("cpu"), False))
+    assert (last["clean_acc"], last["robust_acc"]) == (fresh["clean_acc"], fresh["robust_acc"])
+    assert 0.0 < fresh["robust_acc"] < fresh["clean_acc"]
+
+
+def test_autoattack_on_the_best_checkpoint_is_recorded_and_printed(tmp_path, capsys):
+    """eval.autoattack_n: the recorded accuracy is standard AutoAttack's on the first n test images of
+    best.pt (the same call made directly gives the same number), no higher than the clean accuracy."""
+    pytest.importorskip("pyautoattack")
+    from applications.adversarial.build import build_run_model, load_run_data
+    from applications.adversarial.config import config_from_dict
+    from applications.adversarial.evaluation import autoattack_accuracy
+
+    cfg_path = write_config(tmp_path, "aa")
+    res = train(capsys, "--config", cfg_path, "train.epochs=1", "eval.autoattack_n=30")
+    assert res.rc == 0, res.err[-2000:]
+    best = json.loads((tmp_path / "aa" / "results.json").read_text())["test"]["best"]
+    assert best["autoattack_n"] == 30 and "standard AutoAttack" in res.out and "first 30 test images" in res.out
+    ck = load(tmp_path / "aa" / "best.pt")
+    cfg = config_from_dict(ck["config"])
+    model = build_run_model(cfg, ck["data_info"])
+    model.load_state_dict(ck["model"])
+    test = load_run_data(cfg, torch.device("cpu"), need_train=False).test
+    direct = autoattack_accuracy(model, test.x[:30], test.y[:30], cfg.eps, seed=cfg.seed)
+    assert best["autoattack_acc"] == direct["robust_acc"] <= direct["clean_acc"]
+
+
+def test_autoattack_without_pyautoattack_is_a_config_error(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "pyautoattack" else real(name, *a))
+    res = train(capsys, "--config", write_config(tmp_path, "noaa"), "eval.autoattack_n=30")
+    assert res.rc == 2 and "eval.autoattack_n" in res.err and 'pip install "bilevel[autoattack]"' in res.err
+    assert not (tmp_path / "noaa").exists()
