@@ -1,0 +1,480 @@
+r"""Single-step adversarial training compared at CPU scale: every method, 3 seeds, PGD and AutoAttack.
+
+What is trained (one run = one (setting, method, seed)):
+
+* settings: ``mnist`` (the embedded 5,000 MNIST digits, eps 0.3) and ``cifar10_8`` / ``cifar10_16``
+  (the CIFAR-10 JPEG image-folder copy, eps 8/255 and 16/255, a training subset), all with the small CNN;
+* methods: standard training, Fast-AT (step 1.25 eps, and 2 eps where catastrophic overfitting is known
+  to appear), N-FGSM, GradAlign, Fast-BAT with lambda = 1/attack_step (the exact implicit gradient of the
+  one-step map), lambda = 10 (the official value), lambda = inf (no implicit gradient), lambda = 10 with
+  the forward-difference implicit gradient, and PGD-10-AT as the multi-step reference.
+
+Every run goes through the training program's own ``train`` (the trainer of ``bilevel-train``): per-epoch
+validation (PGD-10 on the validation images) selects the best checkpoint and feeds the catastrophic-
+overfitting detector; the final test is PGD-50 with ``--restarts`` restarts (step eps/4) on the first
+``--test-n`` test images for the best and the last checkpoint. Standard AutoAttack (``pyautoattack``) is
+run on the first ``--aa-n`` test images of the best checkpoint of the runs whose seed is in ``--aa-seeds``.
+
+Resumable: each run writes ``<out>/<setting>/<method>_seed<k>.json`` as it finishes; a rerun skips a run
+whose JSON exists with the same specification (a changed specification is run again). ``--jobs N`` trains
+N runs at once, one CPU thread each. ``summarize`` (run at the end of every invocation) writes
+``small_scale_cpu.json`` / ``.md`` (mean +- std over seeds, catastrophic-overfitting counts) and one plot
+per setting (validation robust accuracy per epoch, mean over seeds, min-max shaded).
+
+    python benchmarks/small_scale.py --jobs 2                       # the committed study (CPU)
+    python benchmarks/small_scale.py --only mnist --seeds 0         # a subset
+    python benchmarks/small_scale.py --summarize                    # tables and plots from the JSON only
+
+CIFAR-10 is read from ``--data`` (default ``../shared/data/cifar10-jpg.tar.gz`` beside the checkout); when
+it is absent its settings are skipped with a message. ``--tiny`` is the smoke mode of the tests (a few
+hundred MNIST digits, one epoch, APGD-CE alone as "AutoAttack"): its numbers mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import fnmatch
+import json
+import multiprocessing
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+REPO = Path(__file__).resolve().parents[1]
+if __package__ in (None, ""):
+    sys.path.insert(0, str(REPO))
+
+from benchmarks.common import RESULTS_DIR, machine_info, markdown_table, write_json  # noqa: E402
+
+__all__ = ["METHODS", "SETTINGS", "Method", "Setting", "plan", "run_one", "summarize", "main"]
+
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
+DEFAULT_OUT = RESULTS_DIR / "small_scale"
+DEFAULT_WORK = REPO / ".cache" / "small_scale_runs"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A dataset, radius and training recipe shared by every method of the study."""
+
+    key: str
+    label: str
+    eps: float
+    eps_text: str
+    overrides: Tuple[str, ...]
+    needs_data: bool = False
+
+
+@dataclass(frozen=True)
+class Method:
+    """A training method: its label and its config overrides as a function of eps."""
+
+    key: str
+    label: str
+    overrides: Callable[[Setting], Tuple[str, ...]]
+
+
+_COMMON = (
+    "device=cpu", "cpu_threads=1", "train.batch_size=128", "train.lr_max=0.2", "train.lr_schedule=cyclic",
+    "train.momentum=0.9", "train.weight_decay=5e-4", "eval.val_n=250", "eval.val_steps=10", "eval.test_steps=50",
+    "co.enabled=true", "co.patience=2", "co.min_best_robust_acc=0.1",
+)
+
+SETTINGS: Dict[str, Setting] = {
+    "mnist": Setting("mnist", "MNIST (5k embedded digits), eps 0.3, small CNN width 16, 10 epochs", 0.3, "0.3", _COMMON + (
+        "data.name=mnist5k", "data.n_val=500", "model.name=small_cnn", "model.options={width: 16}",
+        "train.epochs=10")),
+    "cifar10_8": Setting("cifar10_8", "CIFAR-10 (JPEG copy, 4k train), eps 8/255, small CNN width 16, 8 epochs",
+                         8 / 255, "8/255", _COMMON + (
+        "data.name=cifar10", "data.n_val=500", "data.n_train=4000", "data.augmentation={crop: 4, flip: true}",
+        "model.name=small_cnn", "model.options={width: 16}", "train.epochs=8"), needs_data=True),
+    "cifar10_16": Setting("cifar10_16", "CIFAR-10 (JPEG copy, 4k train), eps 16/255, small CNN width 16, 8 epochs",
+                          16 / 255, "16/255", _COMMON + (
+        "data.name=cifar10", "data.n_val=500", "data.n_train=4000", "data.augmentation={crop: 4, flip: true}",
+        "model.name=small_cnn", "model.options={width: 16}", "train.epochs=8"), needs_data=True),
+}
+
+
+def _eps(s: Setting) -> str:
+    return f"method.eps={s.eps_text}"
+
+
+def _ga_coef(s: Setting) -> Tuple[str, ...]:
+    # the published values at 8/255 and 16/255 (Andriushchenko & Flammarion, 2020); none exists for MNIST at
+    # 0.3: 2.0, the value of the larger CIFAR radius, untuned
+    return () if s.key.startswith("cifar10") else ("method.ga_coef=2.0",)
+
+
+METHODS: Dict[str, Method] = {m.key: m for m in (
+    Method("standard", "Standard", lambda s: ("method.name=standard",)),
+    Method("fast_at", "Fast-AT (1.25 eps)", lambda s: ("method.name=fast_at", _eps(s))),
+    Method("fast_at_2eps", "Fast-AT (2 eps)", lambda s: ("method.name=fast_at", _eps(s), f"method.step_size={2 * s.eps!r}")),
+    Method("n_fgsm", "N-FGSM", lambda s: ("method.name=n_fgsm", _eps(s))),
+    Method("grad_align", "GradAlign", lambda s: ("method.name=grad_align", _eps(s), *_ga_coef(s))),
+    Method("fast_bat_exact", "Fast-BAT (lambda = 1/step)", lambda s: ("method.name=fast_bat", _eps(s), "method.lam=null")),
+    Method("fast_bat", "Fast-BAT (lambda = 10)", lambda s: ("method.name=fast_bat", _eps(s), "method.lam=10")),
+    Method("fast_bat_noig", "Fast-BAT (no IG)", lambda s: ("method.name=fast_bat", _eps(s), "method.lam=.inf")),
+    Method("fast_bat_fd", "Fast-BAT (lambda = 10, forward-difference IG)",
+           lambda s: ("method.name=fast_bat", _eps(s), "method.lam=10", "method.products=forward")),
+    Method("pgd10", "PGD-10-AT (step eps/4)", lambda s: ("method.name=pgd", _eps(s), "method.steps=10",
+                                                          f"method.step_size={s.eps / 4!r}")),
+)}
+
+TINY = ("data.n_train=200", "data.n_val=40", "train.epochs=1", "train.batch_size=50", "eval.val_n=20",
+        "eval.val_steps=2", "eval.test_steps=3", "model.options={width: 4, hidden: 16}")
+
+
+def spec(setting: Setting, method: Method, seed: int, args: argparse.Namespace) -> Dict[str, Any]:
+    """Everything that determines a run's result: its overrides and its evaluation."""
+    overrides = [*setting.overrides, f"eval.eps={setting.eps_text}", *method.overrides(setting), f"seed={seed}",
+                 f"eval.test_n={args.test_n}", f"eval.test_restarts={args.restarts}"]
+    if args.tiny:
+        overrides += list(TINY)
+    if setting.needs_data:
+        overrides.append(f"data.path={args.data}")
+    return {"setting": setting.key, "method": method.key, "seed": seed, "overrides": overrides}
+
+
+def aa_spec(args: argparse.Namespace) -> Dict[str, Any]:
+    """The AutoAttack evaluation of the best checkpoints: ``{"n", "version"}``."""
+    return {"n": args.aa_n, "version": "apgd-ce" if args.tiny else args.aa_version}
+
+
+def result_path(out: Path, s: Dict[str, Any]) -> Path:
+    return out / s["setting"] / f"{s['method']}_seed{s['seed']}.json"
+
+
+def _done(path: Path, s: Dict[str, Any]) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return old.get("spec") == s and "error" not in old
+
+
+def run_one(s: Dict[str, Any], out: Path, work: Path) -> Dict[str, Any]:
+    """Train one run in this process, evaluate it, write its JSON; returns the record."""
+    import torch
+
+    from applications.adversarial.config import load_config
+    from applications.adversarial.trainer import train
+
+    torch.set_num_threads(1)
+    name = f"{s['setting']}_{s['method']}_seed{s['seed']}"
+    cfg = load_config(None, [*s["overrides"], f"output.dir={work}", f"output.name={name}", "output.overwrite=true"])
+    t0 = time.perf_counter()
+    res = train(cfg, progress=False)
+    wall = time.perf_counter() - t0
+    run_dir = Path(res["run_dir"])
+    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    co = res.get("catastrophic_overfitting") or {}
+    record: Dict[str, Any] = {
+        "spec": s,
+        "epochs": res["epochs_completed"],
+        "best_epoch": res["best_epoch"],
+        "s_per_epoch": statistics.mean(h["epoch_time_s"] for h in history),
+        "train_time_s": res["train_time_s"],
+        "wall_time_s": wall,
+        "test_attack": res["test_attack"],
+        "test": {k: {"epoch": v["epoch"], "n": v["n"], "clean_acc": v["clean_acc"], "pgd_acc": v["robust_acc"],
+                     "time_s": v["time_s"]} for k, v in res["test"].items()},
+        "co_detected": bool(co.get("detected")),
+        "co_epoch": co.get("epoch"),
+        "co_message": co.get("message"),
+        "curve": [{"epoch": h["epoch"], "val_clean_acc": h["val_clean_acc"], "val_robust_acc": h["val_robust_acc"],
+                   "train_loss": h["train_loss"]} for h in history],
+    }
+    path = result_path(out, s)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, record)
+    return record
+
+
+def autoattack_best(checkpoint: Path, aa: Dict[str, Any]) -> Dict[str, Any]:
+    """AutoAttack accuracy of a checkpoint on the first ``aa["n"]`` test images of its dataset."""
+    import torch
+
+    from applications.adversarial.build import build_run_model, load_run_data
+    from applications.adversarial.checkpoint import load
+    from applications.adversarial.config import config_from_dict
+    from applications.adversarial.evaluation import autoattack_accuracy
+
+    ckpt = load(checkpoint, map_location="cpu")
+    cfg = config_from_dict(ckpt["config"])
+    model = build_run_model(cfg, ckpt["data_info"])
+    model.load_state_dict(ckpt["model"])
+    test = load_run_data(cfg, torch.device("cpu"), need_train=False).test
+    version = aa["version"] if aa["version"] in ("standard", "plus", "rand") else aa["version"].split(",")
+    t0 = time.perf_counter()
+    r = autoattack_accuracy(model, test.x[: aa["n"]], test.y[: aa["n"]], cfg.eps, version=version, seed=0)
+    return {"n": r["n"], "version": aa["version"], "clean_acc": r["clean_acc"], "aa_acc": r["robust_acc"],
+            "time_s": time.perf_counter() - t0}
+
+
+def needs_autoattack(path: Path, aa: Dict[str, Any]) -> bool:
+    """Whether the finished run at ``path`` lacks the AutoAttack evaluation ``aa`` of its best checkpoint."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    best = record.get("test", {}).get("best")
+    if "error" in record or best is None:
+        return False
+    have = best.get("autoattack") or {}
+    return {"n": have.get("n"), "version": have.get("version")} != aa
+
+
+def autoattack_one(s: Dict[str, Any], aa: Dict[str, Any], out: Path, work: Path) -> Dict[str, Any]:
+    """Add standard AutoAttack on the best checkpoint (kept in ``work``) to a finished run's JSON."""
+    path = result_path(out, s)
+    record = json.loads(path.read_text())
+    ckpt = work / f"{s['setting']}_{s['method']}_seed{s['seed']}" / "best.pt"
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"{ckpt} is gone: train the run again (delete {path}) to evaluate it")
+    record["test"]["best"]["autoattack"] = autoattack_best(ckpt, aa)
+    write_json(path, record)
+    return record
+
+
+def _worker(s: Dict[str, Any], out: str, work: str, aa: Optional[Dict[str, Any]] = None
+            ) -> Tuple[Dict[str, Any], Optional[str], float]:
+    t0 = time.perf_counter()
+    try:
+        if aa is not None:
+            autoattack_one(s, aa, Path(out), Path(work))
+            return s, None, time.perf_counter() - t0
+        run_one(s, Path(out), Path(work))
+        return s, None, time.perf_counter() - t0
+    except Exception:  # noqa: BLE001 - one failed run must not stop the study; its JSON records the error
+        err = traceback.format_exc(limit=8)
+        if aa is not None:  # the trained run stays; its AutoAttack is tried again next time
+            return s, err, time.perf_counter() - t0
+        path = result_path(Path(out), s)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, {"spec": s, "error": err})
+        return s, err, time.perf_counter() - t0
+
+
+def plan(args: argparse.Namespace, finished: bool = False) -> List[Dict[str, Any]]:
+    """The runs to do, seed-major (every setting and method of seed 0 first), minus the finished ones
+    (``finished=True``: only the finished ones)."""
+    todo = []
+    for seed in args.seeds:
+        for setting in SETTINGS.values():
+            if setting.needs_data and not Path(args.data).exists():
+                continue
+            for method in METHODS.values():
+                if args.only and not any(fnmatch.fnmatch(f"{setting.key}/{method.key}", pat)
+                                         or fnmatch.fnmatch(setting.key, pat) for pat in args.only):
+                    continue
+                s = spec(setting, method, seed, args)
+                if _done(result_path(args.out, s), s) == finished:
+                    todo.append(s)
+    return todo
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Summary: JSON, Markdown, plots
+# ----------------------------------------------------------------------------------------------------------
+
+def _stat(values: Sequence[Optional[float]]) -> Optional[Dict[str, float]]:
+    vals = [100 * v for v in values if v is not None]
+    if not vals:
+        return None
+    return {"mean": statistics.mean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0, "n": len(vals)}
+
+
+def _fmt(st: Optional[Dict[str, float]]) -> str:
+    if st is None:
+        return "–"
+    return f"{st['mean']:.1f}" if st["n"] == 1 else f"{st['mean']:.1f} ± {st['std']:.1f}"
+
+
+def load_records(out: Path) -> List[Dict[str, Any]]:
+    records = []
+    for path in sorted(out.glob("*/*.json")):
+        try:
+            records.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            print(f"warning: unreadable {path}, skipped", file=sys.stderr)
+    return records
+
+
+def summarize(out: Path, name: str = "small_scale_cpu", plots: bool = True) -> Dict[str, Any]:
+    """Aggregate the per-run JSON of ``out`` into ``<name>.json`` / ``.md`` (and plots) next to ``out``."""
+    records = load_records(out)
+    rows: List[Dict[str, Any]] = []
+    for setting in SETTINGS.values():
+        for method in METHODS.values():
+            rs = [r for r in records if r["spec"]["setting"] == setting.key and r["spec"]["method"] == method.key
+                  and "error" not in r]
+            errors = [r for r in records if r["spec"]["setting"] == setting.key and r["spec"]["method"] == method.key
+                      and "error" in r]
+            if not rs and not errors:
+                continue
+            aa = [r["test"]["best"].get("autoattack") for r in rs if "best" in r["test"]]
+            aa = [a for a in aa if a is not None]
+            rows.append({
+                "setting": setting.key, "method": method.key, "label": method.label,
+                "seeds": sorted(r["spec"]["seed"] for r in rs), "failed_seeds": sorted(r["spec"]["seed"] for r in errors),
+                "best_clean": _stat([r["test"].get("best", {}).get("clean_acc") for r in rs]),
+                "best_pgd": _stat([r["test"].get("best", {}).get("pgd_acc") for r in rs]),
+                "last_clean": _stat([r["test"]["last"]["clean_acc"] for r in rs]),
+                "last_pgd": _stat([r["test"]["last"]["pgd_acc"] for r in rs]),
+                "best_aa": _stat([a["aa_acc"] for a in aa]), "aa_seeds": [r["spec"]["seed"] for r in rs
+                                                                          if r["test"].get("best", {}).get("autoattack")],
+                "aa_version": aa[0]["version"] if aa else None, "aa_n": aa[0]["n"] if aa else None,
+                "co_runs": sum(r["co_detected"] for r in rs), "runs": len(rs),
+                "s_per_epoch": statistics.mean(r["s_per_epoch"] for r in rs) if rs else None,
+                "wall_time_s": sum(r["wall_time_s"] for r in rs),
+            })
+    total_wall = sum(r.get("wall_time_s", 0.0) for r in records if "error" not in r)
+    summary = {"machine": machine_info("cpu"), "settings": {k: asdict(v) for k, v in SETTINGS.items()},
+               "test_attack": next((r["test_attack"] for r in records if "test_attack" in r), None),
+               "runs": len(records), "run_wall_time_s_total": total_wall, "rows": rows}
+    write_json(out.parent / f"{name}.json", summary)
+    (out.parent / f"{name}.md").write_text(markdown(summary), encoding="utf-8")
+    if plots:
+        plot_curves(records, out.parent, name)
+    return summary
+
+
+def markdown(summary: Dict[str, Any]) -> str:
+    lines = [f"# Single-step adversarial training at CPU scale ({summary['runs']} runs)", "",
+             f"Test attack: {summary['test_attack']}; accuracies in %, mean ± std over seeds; AA: standard AutoAttack "
+             "on the best checkpoint (the seeds listed). CO: runs in which the catastrophic-overfitting detector fired. "
+             f"Sum of run wall times: {summary['run_wall_time_s_total'] / 60:.0f} min "
+             f"({summary['machine']['cpu_model']}, one thread per run).", ""]
+    for key, setting in SETTINGS.items():
+        rows = [r for r in summary["rows"] if r["setting"] == key]
+        if not rows:
+            continue
+        lines += [f"## {setting.label}", ""]
+        table = [[r["label"], ",".join(map(str, r["seeds"])), _fmt(r["best_clean"]), _fmt(r["best_pgd"]),
+                  _fmt(r["best_aa"]) + (f" (seed {','.join(map(str, r['aa_seeds']))})" if r["aa_seeds"] else ""),
+                  _fmt(r["last_clean"]), _fmt(r["last_pgd"]), f"{r['co_runs']}/{r['runs']}",
+                  f"{r['s_per_epoch']:.1f}" if r["s_per_epoch"] else "–"] for r in rows]
+        lines.append(markdown_table(["method", "seeds", "best SA", "best PGD-50", "best AA", "last SA", "last PGD-50",
+                                     "CO", "s/epoch"], table))
+        failed = [f"{r['label']} (seeds {r['failed_seeds']})" for r in rows if r["failed_seeds"]]
+        if failed:
+            lines += ["", "Failed runs: " + "; ".join(failed)]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_curves(records: List[Dict[str, Any]], folder: Path, name: str) -> List[Path]:
+    """One PNG per setting: validation PGD-10 accuracy per epoch, mean over seeds, min-max shaded."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plots", file=sys.stderr)
+        return []
+    paths = []
+    for key, setting in SETTINGS.items():
+        rs = [r for r in records if r["spec"]["setting"] == key and "error" not in r]
+        if not rs:
+            continue
+        fig, ax = plt.subplots(figsize=(7.5, 4.5))
+        for method in METHODS.values():
+            curves = [[c["val_robust_acc"] for c in r["curve"]] for r in rs if r["spec"]["method"] == method.key]
+            curves = [c for c in curves if c and None not in c]
+            if not curves:
+                continue
+            n = min(len(c) for c in curves)
+            epochs = list(range(1, n + 1))
+            cols = [[c[i] for c in curves] for i in range(n)]
+            mean = [statistics.mean(v) for v in cols]
+            line, = ax.plot(epochs, mean, label=f"{method.label} ({len(curves)})")
+            if len(curves) > 1:
+                ax.fill_between(epochs, [min(v) for v in cols], [max(v) for v in cols], color=line.get_color(), alpha=0.15)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("validation PGD-10 accuracy")
+        ax.set_title(setting.label, fontsize=9)
+        ax.legend(fontsize=7, ncol=2)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = folder / f"{name}_{key}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--only", nargs="+", default=[], metavar="PATTERN",
+                   help="setting or setting/method glob patterns, e.g. mnist 'cifar10_*/fast_*'")
+    p.add_argument("--jobs", type=int, default=2, help="runs trained at once (one thread each)")
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="CIFAR-10 (image-folder tarball or tree)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder of the per-run JSON")
+    p.add_argument("--work", type=Path, default=DEFAULT_WORK, help="folder of the runs' checkpoints")
+    p.add_argument("--test-n", type=int, default=1000, help="test images for PGD-50 (best and last)")
+    p.add_argument("--restarts", type=int, default=1, help="PGD-50 restarts (the paper: 10)")
+    p.add_argument("--aa-n", type=int, default=500, help="test images for AutoAttack")
+    p.add_argument("--aa-seeds", type=int, nargs="*", default=[0], help="seeds whose best checkpoint gets AutoAttack")
+    p.add_argument("--aa-version", default="standard", help="'standard' or a comma-separated list of attacks")
+    p.add_argument("--tiny", action="store_true", help="smoke mode (MNIST only, tiny sizes; numbers mean nothing)")
+    p.add_argument("--summarize", action="store_true", help="only write the summary from the existing JSON")
+    p.add_argument("--name", default=None, help="summary file name (default small_scale_cpu, tiny: small_scale_tiny)")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    name = args.name or ("small_scale_tiny" if args.tiny else "small_scale_cpu")
+    if args.tiny:
+        args.only = args.only or ["mnist/fast_at", "mnist/fast_bat"]
+        if args.out == DEFAULT_OUT:  # smoke runs never land beside the study's results
+            args.out = args.work / "tiny_results"
+    if not args.summarize:
+        if not Path(args.data).exists():
+            print(f"CIFAR-10 not found at {args.data}: its settings are skipped", file=sys.stderr)
+        todo = plan(args)
+        aa = aa_spec(args)
+        # AutoAttack after every training: the runs of all seeds first, then the seeds of --aa-seeds evaluated
+        aa_todo = [s for s in plan(args, finished=True) if s["seed"] in args.aa_seeds
+                   and needs_autoattack(result_path(args.out, s), aa)]
+        n_aa = len(aa_todo) + sum(s["seed"] in args.aa_seeds for s in todo)
+        print(f"{len(todo)} run(s) to train and {n_aa} AutoAttack evaluation(s), {args.jobs} at a time", flush=True)
+        t0 = time.perf_counter()
+        ctx = multiprocessing.get_context("spawn")
+        with cf.ProcessPoolExecutor(max_workers=max(1, args.jobs), mp_context=ctx) as pool:
+            # every training first (seed-major), AutoAttack queued behind them: a run of an --aa-seeds seed
+            # gets its evaluation queued when its training finishes
+            pending = {pool.submit(_worker, s, str(args.out), str(args.work)): "train" for s in todo}
+            pending.update({pool.submit(_worker, s, str(args.out), str(args.work), aa): "autoattack" for s in aa_todo})
+            done_count, total = 0, len(todo) + n_aa
+            while pending:
+                finished, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+                for fut in finished:
+                    kind = pending.pop(fut)
+                    s, err, secs = fut.result()
+                    done_count += 1
+                    print(f"[{done_count}/{total}] {kind} {s['setting']}/{s['method']} seed {s['seed']}: "
+                          f"{'FAILED' if err else 'done'} in {secs:.0f} s "
+                          f"(elapsed {(time.perf_counter() - t0) / 60:.1f} min)", flush=True)
+                    if err:
+                        print(err.strip().splitlines()[-1], flush=True)
+                    elif kind == "train" and s["seed"] in args.aa_seeds:
+                        pending[pool.submit(_worker, s, str(args.out), str(args.work), aa)] = "autoattack"
+    summary = summarize(args.out, name)
+    print(markdown(summary))
+    return 0 if not any(r["failed_seeds"] for r in summary["rows"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
