@@ -164,22 +164,31 @@ def run_one(s: Dict[str, Any], out: Path, work: Path) -> Dict[str, Any]:
     import torch
 
     from applications.adversarial.config import load_config
-    from applications.adversarial.trainer import train
+    from applications.adversarial.trainer import TrainingDiverged, train
 
     torch.set_num_threads(1)
     name = f"{s['setting']}_{s['method']}_seed{s['seed']}"
     cfg = load_config(None, [*s["overrides"], f"output.dir={work}", f"output.name={name}", "output.overwrite=true"])
+    run_dir = work / name
     t0 = time.perf_counter()
-    res = train(cfg, progress=False)
+    diverged: Optional[Dict[str, Any]] = None
+    try:
+        res = train(cfg, run_dir=run_dir, progress=False)
+    except TrainingDiverged as exc:  # an outcome of the method, not a failure of the study
+        diverged = {"epoch": exc.epoch, "message": str(exc).split("; last good")[0]}
+        res = {"epochs_completed": exc.epoch - 1, "best_epoch": None, "train_time_s": None, "test": {},
+               "test_attack": None, "catastrophic_overfitting": None}
+        if (run_dir / "best.pt").is_file():  # the final test the trainer would have run on best.pt
+            best = pgd_test(run_dir / "best.pt")
+            res["best_epoch"], res["test"] = best["epoch"], {"best": best}
     wall = time.perf_counter() - t0
-    run_dir = Path(res["run_dir"])
     history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     co = res.get("catastrophic_overfitting") or {}
     record: Dict[str, Any] = {
         "spec": s,
         "epochs": res["epochs_completed"],
         "best_epoch": res["best_epoch"],
-        "s_per_epoch": statistics.mean(h["epoch_time_s"] for h in history),
+        "s_per_epoch": statistics.mean(h["epoch_time_s"] for h in history) if history else None,
         "train_time_s": res["train_time_s"],
         "wall_time_s": wall,
         "test_attack": res["test_attack"],
@@ -188,6 +197,7 @@ def run_one(s: Dict[str, Any], out: Path, work: Path) -> Dict[str, Any]:
         "co_detected": bool(co.get("detected")),
         "co_epoch": co.get("epoch"),
         "co_message": co.get("message"),
+        "diverged": diverged,
         "curve": [{"epoch": h["epoch"], "val_clean_acc": h["val_clean_acc"], "val_robust_acc": h["val_robust_acc"],
                    "train_loss": h["train_loss"]} for h in history],
     }
@@ -197,25 +207,48 @@ def run_one(s: Dict[str, Any], out: Path, work: Path) -> Dict[str, Any]:
     return record
 
 
-def autoattack_best(checkpoint: Path, aa: Dict[str, Any]) -> Dict[str, Any]:
-    """AutoAttack accuracy of a checkpoint on the first ``aa["n"]`` test images of its dataset."""
+def _load_checkpoint(checkpoint: Path) -> Tuple[Any, Any, Any, int]:
+    """(config, model, test arrays, epoch) of a training checkpoint, on the CPU."""
     import torch
 
     from applications.adversarial.build import build_run_model, load_run_data
     from applications.adversarial.checkpoint import load
     from applications.adversarial.config import config_from_dict
-    from applications.adversarial.evaluation import autoattack_accuracy
 
+    torch.set_num_threads(1)
     ckpt = load(checkpoint, map_location="cpu")
     cfg = config_from_dict(ckpt["config"])
     model = build_run_model(cfg, ckpt["data_info"])
     model.load_state_dict(ckpt["model"])
-    test = load_run_data(cfg, torch.device("cpu"), need_train=False).test
+    return cfg, model, load_run_data(cfg, torch.device("cpu"), need_train=False).test, int(ckpt["epoch"])
+
+
+def pgd_test(checkpoint: Path) -> Dict[str, Any]:
+    """The trainer's final test (same images, same seeded random starts) on a checkpoint."""
+    import torch
+
+    from applications.adversarial.distributed import DistContext
+    from applications.adversarial.evaluation import evaluate_robust
+    from applications.adversarial.seeds import Stream, mix_seed
+
+    cfg, model, test, epoch = _load_checkpoint(checkpoint)
+    t0 = time.perf_counter()
+    r = evaluate_robust(model, test, cfg.eval.test_n, cfg.eps, cfg.eval.test_steps, cfg.eval.test_restarts,
+                        cfg.eval.test_step_size, cfg.eval.batch_size, mix_seed(cfg.seed, Stream.TEST),
+                        DistContext(0, 1, 0, torch.device("cpu"), False))
+    return {"epoch": epoch, **r, "time_s": time.perf_counter() - t0}
+
+
+def autoattack_best(checkpoint: Path, aa: Dict[str, Any]) -> Dict[str, Any]:
+    """AutoAttack accuracy of a checkpoint on the first ``aa["n"]`` test images of its dataset."""
+    from applications.adversarial.evaluation import autoattack_accuracy
+
+    cfg, model, test, _ = _load_checkpoint(checkpoint)
     version = aa["version"] if aa["version"] in ("standard", "plus", "rand") else aa["version"].split(",")
     t0 = time.perf_counter()
     r = autoattack_accuracy(model, test.x[: aa["n"]], test.y[: aa["n"]], cfg.eps, version=version, seed=0)
-    return {"n": r["n"], "version": aa["version"], "clean_acc": r["clean_acc"], "aa_acc": r["robust_acc"],
-            "time_s": time.perf_counter() - t0}
+    return {"n": aa["n"], "n_used": r["n"], "version": aa["version"], "clean_acc": r["clean_acc"],
+            "aa_acc": r["robust_acc"], "time_s": time.perf_counter() - t0}
 
 
 def needs_autoattack(path: Path, aa: Dict[str, Any]) -> bool:
@@ -284,6 +317,19 @@ def plan(args: argparse.Namespace, finished: bool = False) -> List[Dict[str, Any
 # Summary: JSON, Markdown, plots
 # ----------------------------------------------------------------------------------------------------------
 
+def _autoattack_of(record: Dict[str, Any], aa_filter: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """The run's AutoAttack result on its best checkpoint (None if absent or not of ``aa_filter``)."""
+    a = record["test"].get("best", {}).get("autoattack")
+    if a is None or (aa_filter is not None and {"n": a.get("n"), "version": a.get("version")} != aa_filter):
+        return None
+    return a
+
+
+def _mean(values: Sequence[Optional[float]]) -> Optional[float]:
+    vals = [v for v in values if v is not None]
+    return statistics.mean(vals) if vals else None
+
+
 def _stat(values: Sequence[Optional[float]]) -> Optional[Dict[str, float]]:
     vals = [100 * v for v in values if v is not None]
     if not vals:
@@ -307,8 +353,10 @@ def load_records(out: Path) -> List[Dict[str, Any]]:
     return records
 
 
-def summarize(out: Path, name: str = "small_scale_cpu", plots: bool = True) -> Dict[str, Any]:
-    """Aggregate the per-run JSON of ``out`` into ``<name>.json`` / ``.md`` (and plots) next to ``out``."""
+def summarize(out: Path, name: str = "small_scale_cpu", plots: bool = True,
+              aa_filter: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Aggregate the per-run JSON of ``out`` into ``<name>.json`` / ``.md`` (and plots) next to ``out``;
+    ``aa_filter``: count only AutoAttack results of that ``{"n", "version"}``."""
     records = load_records(out)
     rows: List[Dict[str, Any]] = []
     for setting in SETTINGS.values():
@@ -319,25 +367,26 @@ def summarize(out: Path, name: str = "small_scale_cpu", plots: bool = True) -> D
                       and "error" in r]
             if not rs and not errors:
                 continue
-            aa = [r["test"]["best"].get("autoattack") for r in rs if "best" in r["test"]]
-            aa = [a for a in aa if a is not None]
+            aa_runs = [r for r in rs if _autoattack_of(r, aa_filter) is not None]
+            aa = [_autoattack_of(r, aa_filter) for r in aa_runs]
             rows.append({
                 "setting": setting.key, "method": method.key, "label": method.label,
                 "seeds": sorted(r["spec"]["seed"] for r in rs), "failed_seeds": sorted(r["spec"]["seed"] for r in errors),
                 "best_clean": _stat([r["test"].get("best", {}).get("clean_acc") for r in rs]),
                 "best_pgd": _stat([r["test"].get("best", {}).get("pgd_acc") for r in rs]),
-                "last_clean": _stat([r["test"]["last"]["clean_acc"] for r in rs]),
-                "last_pgd": _stat([r["test"]["last"]["pgd_acc"] for r in rs]),
-                "best_aa": _stat([a["aa_acc"] for a in aa]), "aa_seeds": [r["spec"]["seed"] for r in rs
-                                                                          if r["test"].get("best", {}).get("autoattack")],
+                "last_clean": _stat([r["test"]["last"]["clean_acc"] for r in rs if "last" in r["test"]]),
+                "last_pgd": _stat([r["test"]["last"]["pgd_acc"] for r in rs if "last" in r["test"]]),
+                "diverged_runs": sum(bool(r.get("diverged")) for r in rs),
+                "diverged_epochs": [r["diverged"]["epoch"] for r in rs if r.get("diverged")],
+                "best_aa": _stat([a["aa_acc"] for a in aa]), "aa_seeds": [r["spec"]["seed"] for r in aa_runs],
                 "aa_version": aa[0]["version"] if aa else None, "aa_n": aa[0]["n"] if aa else None,
                 "co_runs": sum(r["co_detected"] for r in rs), "runs": len(rs),
-                "s_per_epoch": statistics.mean(r["s_per_epoch"] for r in rs) if rs else None,
+                "s_per_epoch": _mean([r["s_per_epoch"] for r in rs]),
                 "wall_time_s": sum(r["wall_time_s"] for r in rs),
             })
     total_wall = sum(r.get("wall_time_s", 0.0) for r in records if "error" not in r)
     summary = {"machine": machine_info("cpu"), "settings": {k: asdict(v) for k, v in SETTINGS.items()},
-               "test_attack": next((r["test_attack"] for r in records if "test_attack" in r), None),
+               "test_attack": next((r["test_attack"] for r in records if r.get("test_attack")), None),
                "runs": len(records), "run_wall_time_s_total": total_wall, "rows": rows}
     write_json(out.parent / f"{name}.json", summary)
     (out.parent / f"{name}.md").write_text(markdown(summary), encoding="utf-8")
@@ -349,7 +398,9 @@ def summarize(out: Path, name: str = "small_scale_cpu", plots: bool = True) -> D
 def markdown(summary: Dict[str, Any]) -> str:
     lines = [f"# Single-step adversarial training at CPU scale ({summary['runs']} runs)", "",
              f"Test attack: {summary['test_attack']}; accuracies in %, mean ± std over seeds; AA: standard AutoAttack "
-             "on the best checkpoint (the seeds listed). CO: runs in which the catastrophic-overfitting detector fired. "
+             "on the best checkpoint (the seeds listed). CO: runs in which the catastrophic-overfitting detector fired; "
+             "diverged: runs stopped by a non-finite or exploding loss (their best checkpoint, from before, is "
+             "tested; they have no last one). "
              f"Sum of run wall times: {summary['run_wall_time_s_total'] / 60:.0f} min "
              f"({summary['machine']['cpu_model']}, one thread per run).", ""]
     for key, setting in SETTINGS.items():
@@ -360,9 +411,11 @@ def markdown(summary: Dict[str, Any]) -> str:
         table = [[r["label"], ",".join(map(str, r["seeds"])), _fmt(r["best_clean"]), _fmt(r["best_pgd"]),
                   _fmt(r["best_aa"]) + (f" (seed {','.join(map(str, r['aa_seeds']))})" if r["aa_seeds"] else ""),
                   _fmt(r["last_clean"]), _fmt(r["last_pgd"]), f"{r['co_runs']}/{r['runs']}",
+                  f"{r['diverged_runs']}/{r['runs']}" + (f" (epoch {', '.join(map(str, r['diverged_epochs']))})"
+                                                         if r["diverged_runs"] else ""),
                   f"{r['s_per_epoch']:.1f}" if r["s_per_epoch"] else "–"] for r in rows]
         lines.append(markdown_table(["method", "seeds", "best SA", "best PGD-50", "best AA", "last SA", "last PGD-50",
-                                     "CO", "s/epoch"], table))
+                                     "CO", "diverged", "s/epoch"], table))
         failed = [f"{r['label']} (seeds {r['failed_seeds']})" for r in rows if r["failed_seeds"]]
         if failed:
             lines += ["", "Failed runs: " + "; ".join(failed)]
@@ -435,10 +488,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    args.data = args.data.expanduser().resolve()
     name = args.name or ("small_scale_tiny" if args.tiny else "small_scale_cpu")
     if args.tiny:
         args.only = args.only or ["mnist/fast_at", "mnist/fast_bat"]
-        if args.out == DEFAULT_OUT:  # smoke runs never land beside the study's results
+        if args.work == DEFAULT_WORK:  # smoke runs never touch the study's checkpoints or results
+            args.work = DEFAULT_WORK / "tiny"
+        if args.out == DEFAULT_OUT:
             args.out = args.work / "tiny_results"
     if not args.summarize:
         if not Path(args.data).exists():
@@ -471,7 +527,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         print(err.strip().splitlines()[-1], flush=True)
                     elif kind == "train" and s["seed"] in args.aa_seeds:
                         pending[pool.submit(_worker, s, str(args.out), str(args.work), aa)] = "autoattack"
-    summary = summarize(args.out, name)
+    summary = summarize(args.out, name, aa_filter=aa_spec(args))
     print(markdown(summary))
     return 0 if not any(r["failed_seeds"] for r in summary["rows"]) else 1
 
