@@ -286,6 +286,12 @@ class EvalConfig(_Section):
             raise ValueError('needs the pyautoattack package: pip install "bilevel[autoattack]"')
         return n
 
+    @model_validator(mode="after")
+    def _autoattack_needs_final_test(self) -> EvalConfig:
+        if self.autoattack_n is not None and not self.final_test:
+            raise ValueError("eval.autoattack_n runs after the final test: it needs eval.final_test=true")
+        return self
+
 
 class COConfig(_Section):
     """Catastrophic-overfitting detection on the per-epoch validation numbers. ``options`` (written flat

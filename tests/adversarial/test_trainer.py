@@ -237,3 +237,22 @@ def test_autoattack_without_pyautoattack_is_a_config_error(tmp_path, capsys, mon
     res = train(capsys, "--config", write_config(tmp_path, "noaa"), "eval.autoattack_n=30")
     assert res.rc == 2 and "eval.autoattack_n" in res.err and 'pip install "bilevel[autoattack]"' in res.err
     assert not (tmp_path / "noaa").exists()
+
+
+def test_autoattack_needs_the_final_test(tmp_path, capsys):
+    res = train(capsys, "--config", write_config(tmp_path, "nofinal"), "eval.autoattack_n=30", "eval.final_test=false")
+    assert res.rc == 2 and "eval.autoattack_n" in res.err and "eval.final_test=true" in res.err
+
+
+def test_a_failing_autoattack_keeps_the_pgd_results(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("pyautoattack")
+    import applications.adversarial.trainer as trainer_mod
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(trainer_mod, "autoattack_accuracy", broken)
+    res = train(capsys, "--config", write_config(tmp_path, "aafail"), "train.epochs=1", "eval.autoattack_n=30")
+    assert res.rc == 0 and "AutoAttack failed (RuntimeError: out of memory)" in res.out
+    best = json.loads((tmp_path / "aafail" / "results.json").read_text())["test"]["best"]
+    assert best["autoattack_error"] == "RuntimeError: out of memory" and 0.0 <= best["robust_acc"] <= 1.0
