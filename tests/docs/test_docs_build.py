@@ -177,3 +177,21 @@ def test_rst_conversion() -> None:
     assert convert(block, public) == "Text\n\n\\[\nx = 1\ny = 2\n\\]\n\nMore"
     indented = "Args:\n    v: see\n\n    .. math:: z\n    next"
     assert convert(indented, public) == "Args:\n    v: see\n\n    \\[\n    z\n    \\]\n\n    next"
+
+
+def test_pages_show_the_committed_benchmark_plots(site: Path) -> None:
+    """Every image a page links resolves in the built site; the benchmark plots are the committed files
+    of benchmarks/results (served by docs/_ext/results_hook.py, no copy in docs/)."""
+    import re
+
+    results = ROOT / "benchmarks" / "results"
+    linked = set()
+    for md in (ROOT / "docs").rglob("*.md"):
+        for src in re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", md.read_text(encoding="utf-8")):
+            target = (site / md.relative_to(ROOT / "docs").parent / src).resolve()
+            assert target.is_file(), f"{md.name} links {src}, which the site lacks"
+            if "img/results/" in src:
+                linked.add(Path(src).name)
+                assert target.read_bytes() == (results / Path(src).name).read_bytes()
+    assert {"datacleaning_mnist_linear.png", "datacleaning_mnist_cnn.png"} <= linked
+    assert not list((ROOT / "docs").rglob("*.png")), "plots belong in benchmarks/results, served by the hook"
