@@ -277,15 +277,6 @@ class EvalConfig(_Section):
     final_test: StrictBool = True
     autoattack_n: Optional[StrictInt] = Field(None, gt=0)
 
-    @field_validator("autoattack_n")
-    @classmethod
-    def _autoattack_installed(cls, n: Optional[int]) -> Optional[int]:
-        import importlib.util
-
-        if n is not None and importlib.util.find_spec("pyautoattack") is None:
-            raise ValueError('needs the pyautoattack package: pip install "bilevel[autoattack]"')
-        return n
-
     @model_validator(mode="after")
     def _autoattack_needs_final_test(self) -> EvalConfig:
         if self.autoattack_n is not None and not self.final_test:

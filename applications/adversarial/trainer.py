@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib.util
 import itertools
 import logging
 import math
@@ -173,6 +174,9 @@ class Trainer:
         if t.batch_size % ctx.world_size != 0:
             raise ConfigError([f"train.batch_size={t.batch_size} (the global batch) must be divisible by the "
                                f"number of processes {ctx.world_size}"])
+        # checked here, not in the config: a stored config that asks for it must still load for evaluation
+        if cfg.eval.autoattack_n is not None and importlib.util.find_spec("pyautoattack") is None:
+            raise ConfigError(['eval.autoattack_n: needs the pyautoattack package: pip install "bilevel[autoattack]"'])
 
     # ----------------------------------------------------------------------------------- logging
 

@@ -237,6 +237,10 @@ def test_autoattack_without_pyautoattack_is_a_config_error(tmp_path, capsys, mon
     res = train(capsys, "--config", write_config(tmp_path, "noaa"), "eval.autoattack_n=30")
     assert res.rc == 2 and "eval.autoattack_n" in res.err and 'pip install "bilevel[autoattack]"' in res.err
     assert not (tmp_path / "noaa").exists()
+    # the configuration itself stays loadable (a stored one must be evaluable on this machine)
+    from applications.adversarial.config import load_config
+
+    assert load_config(tmp_path / "noaa.yaml", ["eval.autoattack_n=30"]).eval.autoattack_n == 30
 
 
 def test_autoattack_needs_the_final_test(tmp_path, capsys):
