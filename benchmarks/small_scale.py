@@ -325,6 +325,15 @@ def _autoattack_of(record: Dict[str, Any], aa_filter: Optional[Dict[str, Any]]) 
     return a
 
 
+def robustness_lost(record: Dict[str, Any], ratio: float = 0.5, floor: float = 0.05) -> bool:
+    """The test-set signature of catastrophic overfitting, independent of the detector's options: the last
+    checkpoint's PGD accuracy below ``ratio`` times the best checkpoint's, which reached ``floor``."""
+    best, last = record["test"].get("best"), record["test"].get("last")
+    if best is None or last is None:
+        return False
+    return best["pgd_acc"] >= floor and last["pgd_acc"] < ratio * best["pgd_acc"]
+
+
 def _mean(values: Sequence[Optional[float]]) -> Optional[float]:
     vals = [v for v in values if v is not None]
     return statistics.mean(vals) if vals else None
@@ -381,6 +390,7 @@ def summarize(out: Path, name: str = "small_scale_cpu", plots: bool = True,
                 "best_aa": _stat([a["aa_acc"] for a in aa]), "aa_seeds": [r["spec"]["seed"] for r in aa_runs],
                 "aa_version": aa[0]["version"] if aa else None, "aa_n": aa[0]["n"] if aa else None,
                 "co_runs": sum(r["co_detected"] for r in rs), "runs": len(rs),
+                "lost_runs": sum(robustness_lost(r) for r in rs),
                 "s_per_epoch": _mean([r["s_per_epoch"] for r in rs]),
                 "wall_time_s": sum(r["wall_time_s"] for r in rs),
             })
@@ -398,7 +408,11 @@ def summarize(out: Path, name: str = "small_scale_cpu", plots: bool = True,
 def markdown(summary: Dict[str, Any]) -> str:
     lines = [f"# Single-step adversarial training at CPU scale ({summary['runs']} runs)", "",
              f"Test attack: {summary['test_attack']}; accuracies in %, mean ± std over seeds; AA: standard AutoAttack "
-             "on the best checkpoint (the seeds listed). CO: runs in which the catastrophic-overfitting detector fired; "
+             "on the best checkpoint (the seeds listed). CO: runs in which the trainer's catastrophic-overfitting detector "
+             "fired (patience 2, min_best_robust_acc 0.1, otherwise its defaults: it needs a validation clean accuracy "
+             "of 0.5 before it can fire); "
+             "last < best/2: runs whose last checkpoint kept less than half the best one's PGD accuracy (the "
+             "test-set signature of catastrophic overfitting); "
              "diverged: runs stopped by a non-finite or exploding loss (their best checkpoint, from before, is "
              "tested; they have no last one). "
              f"Sum of run wall times: {summary['run_wall_time_s_total'] / 60:.0f} min "
@@ -411,11 +425,12 @@ def markdown(summary: Dict[str, Any]) -> str:
         table = [[r["label"], ",".join(map(str, r["seeds"])), _fmt(r["best_clean"]), _fmt(r["best_pgd"]),
                   _fmt(r["best_aa"]) + (f" (seed {','.join(map(str, r['aa_seeds']))})" if r["aa_seeds"] else ""),
                   _fmt(r["last_clean"]), _fmt(r["last_pgd"]), f"{r['co_runs']}/{r['runs']}",
+                  f"{r['lost_runs']}/{r['runs']}",
                   f"{r['diverged_runs']}/{r['runs']}" + (f" (epoch {', '.join(map(str, r['diverged_epochs']))})"
                                                          if r["diverged_runs"] else ""),
                   f"{r['s_per_epoch']:.1f}" if r["s_per_epoch"] else "–"] for r in rows]
         lines.append(markdown_table(["method", "seeds", "best SA", "best PGD-50", "best AA", "last SA", "last PGD-50",
-                                     "CO", "diverged", "s/epoch"], table))
+                                     "CO", "last < best/2", "diverged", "s/epoch"], table))
         failed = [f"{r['label']} (seeds {r['failed_seeds']})" for r in rows if r["failed_seeds"]]
         if failed:
             lines += ["", "Failed runs: " + "; ".join(failed)]

@@ -79,10 +79,11 @@ def test_summary_statistics_are_those_of_the_runs(tmp_path):
     assert fa["last_pgd"]["mean"] == pytest.approx(100 * statistics.mean(v[1] for v in last))
     assert fa["best_aa"] == {"mean": pytest.approx(33.0), "std": 0.0, "n": 1} and fa["aa_seeds"] == [0]
     assert fa["co_runs"] == 1 and fa["runs"] == 3 and fa["s_per_epoch"] == pytest.approx(3.0)
+    assert fa["lost_runs"] == 1  # seed 0: last 0.10 < 0.40 / 2; seeds 1, 2 kept theirs
     assert rows["pgd10"]["runs"] == 0 and rows["pgd10"]["failed_seeds"] == [0]
     md = (tmp_path / "t.md").read_text()
     assert "| Fast-AT (1.25 eps) | 0,1,2 | 85.0 ± 5.0 | 43.0 ± 3.0 | 33.0 (seed 0) |" in md
-    assert "| 1/3 |" in md and "Failed runs: PGD-10-AT (step eps/4) (seeds [0])" in md
+    assert "| 1/3 | 1/3 | 0/3 |" in md and "Failed runs: PGD-10-AT (step eps/4) (seeds [0])" in md
     assert json.loads((tmp_path / "t.json").read_text())["rows"][0]["co_runs"] == 1
 
 
