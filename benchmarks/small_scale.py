@@ -438,8 +438,14 @@ def markdown(summary: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+#: The two panels of each plot: the baselines, and the Fast-BAT variants beside Fast-AT and PGD-10-AT.
+PANELS = (("standard", "fast_at", "fast_at_2eps", "n_fgsm", "grad_align", "pgd10"),
+          ("fast_at", "fast_bat_exact", "fast_bat", "fast_bat_noig", "fast_bat_fd", "pgd10"))
+
+
 def plot_curves(records: List[Dict[str, Any]], folder: Path, name: str) -> List[Path]:
-    """One PNG per setting: validation PGD-10 accuracy per epoch, mean over seeds, min-max shaded."""
+    """One PNG per setting: validation PGD-10 accuracy per epoch, mean over seeds, min-max shaded; two
+    panels (:data:`PANELS`)."""
     try:
         import matplotlib
 
@@ -448,32 +454,35 @@ def plot_curves(records: List[Dict[str, Any]], folder: Path, name: str) -> List[
     except ImportError:
         print("matplotlib not installed: no plots", file=sys.stderr)
         return []
+    colors = {key: f"C{i}" for i, key in enumerate(METHODS)}
     paths = []
     for key, setting in SETTINGS.items():
         rs = [r for r in records if r["spec"]["setting"] == key and "error" not in r]
         if not rs:
             continue
-        fig, ax = plt.subplots(figsize=(7.5, 4.5))
-        for method in METHODS.values():
-            curves = [[c["val_robust_acc"] for c in r["curve"]] for r in rs if r["spec"]["method"] == method.key]
-            curves = [c for c in curves if c and None not in c]
-            if not curves:
-                continue
-            n = min(len(c) for c in curves)
-            epochs = list(range(1, n + 1))
-            cols = [[c[i] for c in curves] for i in range(n)]
-            mean = [statistics.mean(v) for v in cols]
-            line, = ax.plot(epochs, mean, label=f"{method.label} ({len(curves)})")
-            if len(curves) > 1:
-                ax.fill_between(epochs, [min(v) for v in cols], [max(v) for v in cols], color=line.get_color(), alpha=0.15)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("validation PGD-10 accuracy")
-        ax.set_title(setting.label, fontsize=9)
-        ax.legend(fontsize=7, ncol=2)
-        ax.grid(alpha=0.3)
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+        for ax, panel in zip(axes, PANELS):
+            for mkey in panel:
+                curves = [[c["val_robust_acc"] for c in r["curve"]] for r in rs if r["spec"]["method"] == mkey]
+                curves = [c for c in curves if c and None not in c]
+                if not curves:
+                    continue
+                n = max(len(c) for c in curves)  # diverged runs end early: each epoch averages the runs it has
+                cols = [[c[i] for c in curves if i < len(c)] for i in range(n)]
+                epochs = list(range(1, n + 1))
+                ax.plot(epochs, [statistics.mean(v) for v in cols], color=colors[mkey],
+                        label=f"{METHODS[mkey].label} ({len(curves)})")
+                if len(curves) > 1:
+                    ax.fill_between(epochs, [min(v) for v in cols], [max(v) for v in cols], color=colors[mkey],
+                                    alpha=0.15)
+            ax.set_xlabel("epoch")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        axes[0].set_ylabel("validation PGD-10 accuracy")
+        fig.suptitle(f"{setting.label}: mean over seeds (count in brackets), min-max shaded", fontsize=9)
         fig.tight_layout()
         path = folder / f"{name}_{key}.png"
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=100)
         plt.close(fig)
         paths.append(path)
     return paths
