@@ -13,7 +13,7 @@ $(VENV)/.apps: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH)"
-	$(PIP) install -q -e ".[apps,autoattack]"
+	$(PIP) install -q -e ".[apps]"
 	touch $@
 
 $(VENV)/.dev: $(VENV)/.apps

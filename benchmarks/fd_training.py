@@ -6,6 +6,10 @@ their mean and spread per ``products`` to JSON. ``--collect`` re-reads finished 
 
     python benchmarks/fd_training.py --seeds 0 1 2 --products exact forward \\
         --runs /tmp/fd_training --json benchmarks/results/fd_training_quickstart_cpu.json
+
+(The recorded JSON used the quickstart's earlier recipe, 10 epochs of batch 128; the quickstart now trains
+15 epochs of batch 64 and adds AutoAttack: append the overrides ``train.epochs=10 train.batch_size=128
+eval.autoattack_n=null`` to reproduce it.)
 """
 
 from __future__ import annotations
