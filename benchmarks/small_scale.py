@@ -388,6 +388,7 @@ def summarize(out: Path, name: str = "small_scale_cpu", plots: bool = True,
                 "diverged_runs": sum(bool(r.get("diverged")) for r in rs),
                 "diverged_epochs": [r["diverged"]["epoch"] for r in rs if r.get("diverged")],
                 "best_aa": _stat([a["aa_acc"] for a in aa]), "aa_seeds": [r["spec"]["seed"] for r in aa_runs],
+                "best_pgd_aa_seeds": _stat([r["test"]["best"]["pgd_acc"] for r in aa_runs]),
                 "aa_version": aa[0]["version"] if aa else None, "aa_n": aa[0]["n"] if aa else None,
                 "co_runs": sum(r["co_detected"] for r in rs), "runs": len(rs),
                 "lost_runs": sum(robustness_lost(r) for r in rs),
@@ -408,9 +409,10 @@ def summarize(out: Path, name: str = "small_scale_cpu", plots: bool = True,
 def markdown(summary: Dict[str, Any]) -> str:
     lines = [f"# Single-step adversarial training at CPU scale ({summary['runs']} runs)", "",
              f"Test attack: {summary['test_attack']}; accuracies in %, mean ± std over seeds; AA: standard AutoAttack "
-             "on the best checkpoint (the seeds listed). CO: runs in which the trainer's catastrophic-overfitting detector "
-             "fired (patience 2, min_best_robust_acc 0.1, otherwise its defaults: it needs a validation clean accuracy "
-             "of 0.5 before it can fire); "
+             "on the best checkpoint (the seeds listed), beside the PGD-50 accuracy of the same checkpoints. "
+             "CO: runs in which the trainer's catastrophic-overfitting detector fired (patience 2, "
+             "min_best_robust_acc 0.1, otherwise its defaults: it needs a validation clean accuracy of 0.5 before "
+             "it can fire); "
              "last < best/2: runs whose last checkpoint kept less than half the best one's PGD accuracy (the "
              "test-set signature of catastrophic overfitting); "
              "diverged: runs stopped by a non-finite or exploding loss (their best checkpoint, from before, is "
@@ -423,13 +425,14 @@ def markdown(summary: Dict[str, Any]) -> str:
             continue
         lines += [f"## {setting.label}", ""]
         table = [[r["label"], ",".join(map(str, r["seeds"])), _fmt(r["best_clean"]), _fmt(r["best_pgd"]),
-                  _fmt(r["best_aa"]) + (f" (seed {','.join(map(str, r['aa_seeds']))})" if r["aa_seeds"] else ""),
+                  _fmt(r["best_aa"]) + (f" vs {_fmt(r['best_pgd_aa_seeds'])} (seed {','.join(map(str, r['aa_seeds']))})"
+                                        if r["aa_seeds"] else ""),
                   _fmt(r["last_clean"]), _fmt(r["last_pgd"]), f"{r['co_runs']}/{r['runs']}",
                   f"{r['lost_runs']}/{r['runs']}",
                   f"{r['diverged_runs']}/{r['runs']}" + (f" (epoch {', '.join(map(str, r['diverged_epochs']))})"
                                                          if r["diverged_runs"] else ""),
                   f"{r['s_per_epoch']:.1f}" if r["s_per_epoch"] else "–"] for r in rows]
-        lines.append(markdown_table(["method", "seeds", "best SA", "best PGD-50", "best AA", "last SA", "last PGD-50",
+        lines.append(markdown_table(["method", "seeds", "best SA", "best PGD-50", "best AA vs PGD-50", "last SA", "last PGD-50",
                                      "CO", "last < best/2", "diverged", "s/epoch"], table))
         failed = [f"{r['label']} (seeds {r['failed_seeds']})" for r in rows if r["failed_seeds"]]
         if failed:
