@@ -82,7 +82,8 @@ def test_summary_statistics_are_those_of_the_runs(tmp_path):
     assert fa["lost_runs"] == 1  # seed 0: last 0.10 < 0.40 / 2; seeds 1, 2 kept theirs
     assert rows["pgd10"]["runs"] == 0 and rows["pgd10"]["failed_seeds"] == [0]
     md = (tmp_path / "t.md").read_text()
-    assert "| Fast-AT (1.25 eps) | 0,1,2 | 85.0 ± 5.0 | 43.0 ± 3.0 | 33.0 (seed 0) |" in md
+    assert fa["best_pgd_aa_seeds"]["mean"] == pytest.approx(40.0)  # the AutoAttacked checkpoint's own PGD
+    assert "| Fast-AT (1.25 eps) | 0,1,2 | 85.0 ± 5.0 | 43.0 ± 3.0 | 33.0 vs 40.0 (seed 0) |" in md
     assert "| 1/3 | 1/3 | 0/3 |" in md and "Failed runs: PGD-10-AT (step eps/4) (seeds [0])" in md
     assert json.loads((tmp_path / "t.json").read_text())["rows"][0]["co_runs"] == 1
 
