@@ -207,48 +207,36 @@ def run_one(s: Dict[str, Any], out: Path, work: Path) -> Dict[str, Any]:
     return record
 
 
-def _load_checkpoint(checkpoint: Path) -> Tuple[Any, Any, Any, int]:
-    """(config, model, test arrays, epoch) of a training checkpoint, on the CPU."""
-    import torch
-
-    from applications.adversarial.build import build_run_model, load_run_data
-    from applications.adversarial.checkpoint import load
-    from applications.adversarial.config import config_from_dict
-
-    torch.set_num_threads(1)
-    ckpt = load(checkpoint, map_location="cpu")
-    cfg = config_from_dict(ckpt["config"])
-    model = build_run_model(cfg, ckpt["data_info"])
-    model.load_state_dict(ckpt["model"])
-    return cfg, model, load_run_data(cfg, torch.device("cpu"), need_train=False).test, int(ckpt["epoch"])
+def _quiet(*_: Any) -> None:
+    pass
 
 
 def pgd_test(checkpoint: Path) -> Dict[str, Any]:
-    """The trainer's final test (same images, same seeded random starts) on a checkpoint."""
-    import torch
+    """The trainer's final test (same images, same seeded random starts) on a checkpoint, through
+    ``bilevel-evaluate``'s :func:`~applications.adversarial.evaluate.evaluate_checkpoint`."""
+    from applications.adversarial.checkpoint import load
+    from applications.adversarial.evaluate import evaluate_checkpoint
 
-    from applications.adversarial.distributed import DistContext
-    from applications.adversarial.evaluation import evaluate_robust
-    from applications.adversarial.seeds import Stream, mix_seed
-
-    cfg, model, test, epoch = _load_checkpoint(checkpoint)
-    t0 = time.perf_counter()
-    r = evaluate_robust(model, test, cfg.eval.test_n, cfg.eps, cfg.eval.test_steps, cfg.eval.test_restarts,
-                        cfg.eval.test_step_size, cfg.eval.batch_size, mix_seed(cfg.seed, Stream.TEST),
-                        DistContext(0, 1, 0, torch.device("cpu"), False))
-    return {"epoch": epoch, **r, "time_s": time.perf_counter() - t0}
+    ev = load(checkpoint, map_location="cpu")["config"]["eval"]
+    out = evaluate_checkpoint(checkpoint, ["pgd"], pgd_steps=ev["test_steps"], pgd_restarts=ev["test_restarts"],
+                              pgd_step_size=ev["test_step_size"], log=_quiet)
+    r = out["results"]["pgd"]
+    return {"epoch": out["epoch"], "n": out["n"], "clean_acc": r["clean_acc"], "robust_acc": r["accuracy"],
+            "time_s": r["time_s"]}
 
 
 def autoattack_best(checkpoint: Path, aa: Dict[str, Any]) -> Dict[str, Any]:
-    """AutoAttack accuracy of a checkpoint on the first ``aa["n"]`` test images of its dataset."""
-    from applications.adversarial.evaluation import autoattack_accuracy
+    """AutoAttack accuracy of a checkpoint on the first ``aa["n"]`` test images of its dataset (through
+    :func:`~applications.adversarial.evaluate.evaluate_checkpoint`; seeded by the run's seed)."""
+    from applications.adversarial.evaluate import evaluate_checkpoint
 
-    cfg, model, test, _ = _load_checkpoint(checkpoint)
-    version = aa["version"] if aa["version"] in ("standard", "plus", "rand") else aa["version"].split(",")
-    t0 = time.perf_counter()
-    r = autoattack_accuracy(model, test.x[: aa["n"]], test.y[: aa["n"]], cfg.eps, version=version, seed=0)
-    return {"n": aa["n"], "n_used": r["n"], "version": aa["version"], "clean_acc": r["clean_acc"],
-            "aa_acc": r["robust_acc"], "time_s": time.perf_counter() - t0}
+    out = evaluate_checkpoint(checkpoint, ["autoattack"], n=aa["n"], batch_size=500, aa_version=aa["version"],
+                              log=_quiet)
+    r = out["results"]["autoattack"]
+    if r["accuracy"] is None:
+        raise ImportError(r["skipped"])
+    return {"n": aa["n"], "n_used": out["n"], "version": aa["version"], "clean_acc": r["clean_acc"],
+            "aa_acc": r["accuracy"], "time_s": r["time_s"]}
 
 
 def needs_autoattack(path: Path, aa: Dict[str, Any]) -> bool:
