@@ -17,6 +17,7 @@ methods (AmIGO, StocBiO, SOBA, F2SA, BOME), see :mod:`bilevel.stochastic`.
 
 from ._solve import solve, value_and_hypergrad
 from .constraints import Box, Constraint, Intersection, LInfBall
+from .convergence import ConvergenceCheck, HypergradientWarning
 from .hypergrad import FirstOrder, Implicit, Linearized, Strategy, Unrolled
 from .linalg import CG, DenseSolve, LinearSolveInfo, LinearSolver, Neumann
 from .problem import LowerProblem
@@ -36,6 +37,6 @@ __all__ = [
     "CentralDifference", "Exact", "ForwardDifference", "Products",
     "solve", "value_and_hypergrad",
     "ClosedForm", "GradientDescent", "ProjectedGradient", "SignedProjectedGradient", "Solver", "TorchOptim",
-    "lower_residual", "ResidualCheck", "LowerSolveError",
+    "lower_residual", "ResidualCheck", "LowerSolveError", "ConvergenceCheck", "HypergradientWarning",
     "AmIGO", "StocBiO", "SOBA", "F2SA", "BOME", "StochasticState", "RandomBatches",
 ]

@@ -15,7 +15,8 @@ from torch.utils import _pytree as pytree
 
 Tree = Any
 
-__all__ = ["Tree", "leaves", "leaves_like", "unflatten", "tree_map", "to_vector", "from_vector", "is_functorch_mode"]
+__all__ = ["Tree", "leaves", "leaves_like", "unflatten", "tree_map", "to_vector", "from_vector", "is_functorch_mode",
+           "plain_values"]
 
 
 # The spec of a bare tensor, shared so that the common single-tensor case skips the pytree machinery.
@@ -97,7 +98,39 @@ def from_vector(vec: torch.Tensor, like: Sequence[torch.Tensor]) -> List[torch.T
     return out
 
 
-def is_functorch_mode(tensors: Sequence[torch.Tensor]) -> bool:
-    """True when any tensor is wrapped by a torch.func transform (grad, vmap, ...)."""
+def _is_compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    check = getattr(compiler, "is_compiling", None) or torch._dynamo.is_compiling
+    return bool(check())
+
+
+def is_functorch_mode(tensors: Sequence[torch.Tensor] = ()) -> bool:
+    """True inside a torch.func transform (grad, vmap, ...), or when any tensor is wrapped by one.
+
+    The transform stack is what matters, not only the variables: under ``vmap(..., in_dims=(None, 0))``
+    with a shared (unbatched) ``x`` and batched data captured by ``g``, neither ``x`` nor ``y`` is
+    wrapped, yet ``requires_grad_`` and ``torch.autograd.grad`` on them are not allowed.
+    """
+    # (torch.compile traces the stack query as non-empty: there the variables decide, as before)
+    if not _is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None:
+        return True
     check = torch._C._functorch.is_functorch_wrapped_tensor
     return any(check(t) for t in tensors)
+
+
+def plain_values(t: torch.Tensor) -> torch.Tensor:
+    """The values of ``t`` as a plain tensor, outside every ``torch.func`` wrapper, ``vmap`` dims leading.
+
+    Under ``vmap`` a diagnostic computed per task (a residual, a linear solve's info) is a batched tensor that
+    dies with the transform; its unwrapped values, with one leading dimension per ``vmap`` level (outermost
+    first), can be kept on a strategy object and read (a host sync) afterwards or right away.
+    """
+    f = torch._C._functorch
+    dims: List[int] = []  # positions of the vmap dims in the current tensor, innermost level first
+    while f.is_functorch_wrapped_tensor(t):
+        bdim = f.maybe_get_bdim(t) if f.is_batchedtensor(t) else -1
+        t = f.get_unwrapped(t)
+        if bdim >= 0:
+            dims = [d + 1 if d >= bdim else d for d in dims] + [bdim]
+    with torch._C._DisableFuncTorch():  # ops on the unwrapped tensor must not be wrapped again
+        return t.movedim(dims[::-1], list(range(len(dims)))).detach()

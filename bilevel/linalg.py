@@ -8,6 +8,7 @@ freezes its iterate), and the residual is returned as a tensor for the user to i
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
@@ -28,11 +29,15 @@ class LinearSolveInfo:
             :class:`DenseSolve` (one extra product), CG's recursive residual unless ``CG(true_residual=True)``.
         rhs_norm: :math:`\\|b\\|_2`, so ``residual_norm / rhs_norm`` is the relative residual.
         iterations: the number of iterations run (matrix-vector products).
+        min_curvature: :class:`CG` only: the smallest Rayleigh quotient :math:`p^\top A p / p^\top p` over
+            its search directions before convergence. Non-positive means :math:`A` is not positive definite
+            and CG's answer is meaningless (:class:`~bilevel.ConvergenceCheck` warns).
     """
 
     residual_norm: torch.Tensor
     rhs_norm: torch.Tensor
     iterations: int
+    min_curvature: Optional[torch.Tensor] = None
 
     @property
     def relative_residual(self) -> torch.Tensor:
@@ -58,7 +63,8 @@ class CG(LinearSolver):
     Runs exactly ``maxiter`` iterations, one matrix-vector product each. Once the recursive residual
     satisfies :math:`\|r\| \le \mathrm{tol}\,\|b\|` the iterate stops changing (no host sync, so
     no early exit). Per iteration: the product, two dot products and three vector updates, as a
-    hand-written CG; the freeze adds one comparison and two ``torch.where`` on scalars.
+    hand-written CG; the freeze adds one comparison and two ``torch.where`` on scalars, and the
+    curvature record (``info.min_curvature``) one more dot product.
 
     The reported residual is the recursive one, :math:`r_k = b - A u_k` in exact arithmetic, which
     costs nothing. In low precision it can drift below the true residual once it is near rounding
@@ -96,20 +102,23 @@ class CG(LinearSolver):
         bnorm2 = rs if x0 is None else torch.dot(b, b)
         thresh = (self.tol**2) * bnorm2
         zero = torch.zeros_like(rs)
+        min_curv = torch.full_like(rs, math.inf)
         for _ in range(self.maxiter):
             # `active` is False once converged (and for b = 0): alpha = 0 freezes u and r, so rs stays
             # put and `active` stays False. The divisions may then give inf/nan in the branches
             # torch.where discards; beta = 0 keeps p finite (p = r).
             active = rs > thresh
             Ap = matvec(p)
-            alpha = torch.where(active, rs / torch.dot(p, Ap), zero)
+            pAp = torch.dot(p, Ap)
+            min_curv = torch.where(active, torch.minimum(min_curv, pAp / torch.dot(p, p)), min_curv)
+            alpha = torch.where(active, rs / pAp, zero)
             u = torch.addcmul(u, alpha, p)
             r = torch.addcmul(r, alpha, Ap, value=-1.0)
             rs_new = torch.dot(r, r)
             p = torch.addcmul(r, torch.where(active, rs_new / rs, zero), p)
             rs = rs_new
         res = torch.linalg.vector_norm(b - matvec(u)) if self.true_residual else rs.sqrt()
-        return u, LinearSolveInfo(res, bnorm2.sqrt(), self.maxiter)
+        return u, LinearSolveInfo(res, bnorm2.sqrt(), self.maxiter, min_curv)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from typing import Any, Optional
 import torch
 
 from ._autodiff import detach_tree
-from ._tree import Tree, leaves, to_vector, tree_map
+from ._tree import Tree, leaves, plain_values, to_vector, tree_map
 from .problem import LowerProblem
 
 __all__ = ["lower_residual", "ResidualCheck", "LowerSolveError"]
@@ -78,7 +78,7 @@ class ResidualCheck:
 
     def check(self, residual: torch.Tensor) -> None:
         """Raise (or warn) if ``residual > tol``. Reads one scalar from the device: a host sync."""
-        value = float(residual)
+        value = float(plain_values(residual).max())  # the worst task under vmap
         if self.tol is not None and not value <= self.tol:
             msg = (f"the lower solve is not converged: residual ||y - Proj(y - step grad g)|| / step = {value:.3g} > "
                    f"tol = {self.tol:.3g}; the hypergradient assumes a solution (run more inner steps or warm-start)")

@@ -8,6 +8,7 @@ without a graph and the last ``T`` with one (``create_graph=True``), which is wh
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -21,9 +22,9 @@ __all__ = ["Solver", "GradientDescent", "ProjectedGradient", "SignedProjectedGra
 
 
 class Solver:
-    """Interface of a lower-level solver."""
+    """Interface of a lower-level solver: ``steps`` iterations of :meth:`step` (``steps >= 1``, required)."""
 
-    steps: int = 0
+    steps: int
 
     def step(self, lower: LowerProblem, x: Tree, y: Tree, *, create_graph: bool) -> Tree:  # pragma: no cover
         """One iteration :math:`y \\mapsto y^+`."""
@@ -42,11 +43,15 @@ class Solver:
 
 
 def check_steps(name: str, steps: int, step_size: Optional[float] = None) -> None:
-    """Raise ``ValueError`` unless ``steps`` is a non-negative integer and ``step_size`` (if given) is positive."""
-    if int(steps) != steps or steps < 0:
-        raise ValueError(f"{name}: steps must be a non-negative integer, got {steps}")
-    if step_size is not None and not step_size > 0:
-        raise ValueError(f"{name}: step_size must be > 0, got {step_size}")
+    """Raise ``ValueError`` unless ``steps`` is an integer >= 1 and ``step_size`` (if given) is a finite number > 0.
+
+    A solver of zero steps would return its starting point unchanged: :func:`bilevel.solve` would then
+    silently answer with ``init``, and :class:`bilevel.Unrolled` with a result that has no graph.
+    """
+    if isinstance(steps, bool) or not isinstance(steps, (int, float)) or int(steps) != steps or steps < 1:
+        raise ValueError(f"{name}: steps must be an integer >= 1 (the number of solver iterations), got {steps!r}")
+    if step_size is not None and not (isinstance(step_size, (int, float)) and math.isfinite(step_size) and step_size > 0):
+        raise ValueError(f"{name}: step_size must be a finite number > 0, got {step_size!r}")
 
 
 @dataclass(frozen=True)
@@ -96,6 +101,11 @@ class ClosedForm(Solver):
 
     fn: Callable[[Tree], Tree]
     steps: int = 1
+
+    def __post_init__(self) -> None:
+        if not callable(self.fn):
+            raise TypeError(f"ClosedForm: fn must be a function x -> y*, got {type(self.fn).__name__}")
+        check_steps("ClosedForm", self.steps)
 
     def step(self, lower: LowerProblem, x: Tree, y: Tree, *, create_graph: bool) -> Tree:
         if create_graph:

@@ -8,7 +8,8 @@ from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 
-from .._tree import Tree, is_functorch_mode, leaves, leaves_like, to_vector, unflatten
+from .._tree import Tree, is_functorch_mode, leaves, leaves_like, plain_values, to_vector, unflatten
+from ..convergence import ConvergenceCheck
 from ..linalg import CG, LinearSolveInfo, LinearSolver
 from ..problem import LowerProblem
 from ..products import Exact, Products, check_products
@@ -53,12 +54,16 @@ class Implicit(Strategy):
             State on the object: not for use under ``torch.func`` transforms.
         residual: a :class:`~bilevel.ResidualCheck`: after each forward solve, the lower optimality
             residual is stored in ``last_residual`` (and checked against its tolerance, if it has one).
+        check: a :class:`~bilevel.ConvergenceCheck` (the default: on the first solve and every 100th, warn
+            with :class:`~bilevel.HypergradientWarning` when the lower problem or the linear system is not
+            solved, one host sync per checked solve); ``None`` turns it off.
 
     Attributes:
         last_info: :class:`~bilevel.LinearSolveInfo` of the latest backward pass (tensors: reading
             them synchronizes, so do it outside hot loops). It is state on the strategy object: use one
-            object per thread, and under ``vmap`` it holds the last batch's unbatched values.
-        last_residual: the lower residual of the latest forward solve (a 0-d tensor), with ``residual``.
+            object per thread. Under ``vmap`` its tensors hold one value per task (leading dimension).
+        last_residual: the lower residual of the latest forward solve (a 0-d tensor, one value per task
+            under ``vmap``), with ``residual`` or on a checked solve.
         last_solution: the latest linear-system solution (flat), with ``warm_start``.
     """
 
@@ -68,11 +73,15 @@ class Implicit(Strategy):
     products: Products = field(default_factory=Exact)
     warm_start: bool = False
     residual: Optional[Any] = None
+    check: Optional[ConvergenceCheck] = field(default_factory=ConvergenceCheck)
     last_info: Optional[LinearSolveInfo] = field(default=None, init=False, repr=False)
     last_residual: Optional[torch.Tensor] = field(default=None, init=False, repr=False)
     last_solution: Optional[torch.Tensor] = field(default=None, init=False, repr=False)
+    solves: int = field(default=0, init=False, repr=False)
 
     def __post_init__(self) -> None:
+        if self.check is not None and not isinstance(self.check, ConvergenceCheck):
+            raise TypeError(f"Implicit: check must be a bilevel.ConvergenceCheck or None, got {self.check!r}")
         if not self.damping >= 0:
             raise ValueError(f"Implicit: damping must be >= 0, got {self.damping}")
         if not self.mask_tol >= 0:  # a negative tolerance would call every bounded coordinate free
@@ -101,8 +110,17 @@ class Implicit(Strategy):
             u = d * u
         if self.warm_start:
             self.last_solution = u.detach()
-        self.last_info = info
+        self.last_info = _plain_info(info)
         return [-t for t in lin.cross(u)]
+
+
+def _plain_info(info: LinearSolveInfo) -> LinearSolveInfo:
+    """``info`` with its tensors outside every ``torch.func`` wrapper (one value per task under ``vmap``)."""
+    def plain(t: Any) -> Any:
+        return plain_values(t) if isinstance(t, torch.Tensor) else t
+
+    return LinearSolveInfo(plain(info.residual_norm), plain(info.rhs_norm), info.iterations,
+                           plain(getattr(info, "min_curvature", None)))
 
 
 def masked_operator(product: Callable[[torch.Tensor], torch.Tensor], mask: Optional[torch.Tensor],
@@ -129,7 +147,12 @@ def implicit_solution(strategy: Any, lower: LowerProblem, x: Tree, init: Tree) -
     """
     x_flat, x_spec = leaves(x)
     init_flat, y_spec = leaves(init)
-    meta = (strategy, lower, x_spec, y_spec, len(x_flat))
+    check = getattr(strategy, "check", None)
+    checking = False
+    if check is not None:
+        strategy.solves += 1
+        checking = check.due(strategy.solves)
+    meta = (strategy, lower, x_spec, y_spec, len(x_flat), checking)
     y_flat = _ImplicitSolution.apply(meta, *x_flat, *init_flat)
     return unflatten(list(y_flat), y_spec)
 
@@ -141,14 +164,19 @@ class _ImplicitSolution(torch.autograd.Function):
 
     @staticmethod
     def forward(meta: Tuple, *tensors: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        strategy, lower, x_spec, y_spec, n_x = meta
+        strategy, lower, x_spec, y_spec, n_x, checking = meta
         x = unflatten(list(tensors[:n_x]), x_spec)
         init = unflatten(list(tensors[n_x:]), y_spec)
         y = lower.solver.run(lower, x, init, differentiable_steps=0)
         # the output is unflattened with init's structure: put the solver's leaves in that order
         y_flat = leaves_like(y, y_spec, "lower solution returned by the solver (compared with init)")
+        y_tree = unflatten(y_flat, y_spec)
         if strategy.residual is not None:
-            strategy.last_residual = strategy.residual(lower, x, unflatten(y_flat, y_spec))
+            strategy.last_residual = plain_values(strategy.residual(lower, x, y_tree))
+        if checking:
+            residual = strategy.check.lower(lower, x, init, y_tree)
+            if residual is not None and strategy.residual is None:
+                strategy.last_residual = residual
         return tuple(t.detach() for t in y_flat)
 
     @staticmethod
@@ -161,7 +189,7 @@ class _ImplicitSolution(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, *v_flat: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
-        strategy, lower, x_spec, y_spec, n_x = ctx.meta
+        strategy, lower, x_spec, y_spec, n_x, checking = ctx.meta
         saved = ctx.saved_tensors
         x_flat, y_flat = list(saved[:n_x]), list(saved[n_x:])
         if torch.is_grad_enabled() and not is_functorch_mode(list(saved) + [v for v in v_flat if v is not None]):
@@ -174,6 +202,8 @@ class _ImplicitSolution(torch.autograd.Function):
             )
         v_flat = [torch.zeros_like(y) if v is None else v for v, y in zip(v_flat, y_flat)]
         grads = strategy.backward(lower, x_flat, x_spec, y_flat, y_spec, v_flat)
+        if checking:
+            strategy.check.linear(strategy.last_info)
         return (None, *grads, *([None] * ctx.n_init))
 
 

@@ -2,6 +2,13 @@
 
 Test modules here are named ``test_core_*.py`` so that their basenames cannot collide with the
 application test folders (pytest's default import mode needs unique basenames without ``__init__.py``).
+
+Equality conventions: two different computations of the same quantity (autograd against a closed form,
+a vmapped solve against a loop, a difference quotient against a double backward) are compared with a
+stated tolerance (relative error, or a few ulps of the dtype), never ``torch.equal``: kernels differ
+between processors (AVX2 / AVX-512) in their last bits. Bit equality is asserted only for the same
+computation replayed: a resume, a repeated run, a cached value against its recomputation, or exact
+arithmetic on small integers and powers of two.
 """
 
 from __future__ import annotations

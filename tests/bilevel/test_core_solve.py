@@ -72,9 +72,9 @@ def test_argument_validation():
         (lambda: bl.Implicit(damping=float("nan")), "Implicit: damping must be >= 0"),
         (lambda: bl.Implicit(mask_tol=-1.0), "Implicit: mask_tol must be >= 0"),
         (lambda: bl.Implicit(mask_tol=float("nan")), "Implicit: mask_tol must be >= 0"),
-        (lambda: bl.GradientDescent(0.1, -1), "GradientDescent: steps must be a non-negative integer"),
-        (lambda: bl.ProjectedGradient(0.1, 2.5), "ProjectedGradient: steps must be a non-negative integer"),
-        (lambda: bl.SignedProjectedGradient(0.0, 3), "SignedProjectedGradient: step_size must be > 0"),
+        (lambda: bl.GradientDescent(0.1, -1), "GradientDescent: steps must be an integer >= 1"),
+        (lambda: bl.ProjectedGradient(0.1, 2.5), "ProjectedGradient: steps must be an integer >= 1"),
+        (lambda: bl.SignedProjectedGradient(0.0, 3), "SignedProjectedGradient: step_size must be a finite number > 0"),
         (lambda: bl.Box(1.0, 0.0), "Box: lower > upper"),
         (lambda: bl.LInfBall(0.0, -0.5), "LInfBall: radius must be >= 0"),
     ]

@@ -101,10 +101,11 @@ def test_torch_optim_refuses_unrolled_and_bad_input():
     assert "SGD" in repr(lower.solver) and "lr=0.1" in repr(lower.solver)
 
 
-def test_first_order_over_torch_optim_returns_the_detached_ridge_solution():
+def test_first_order_over_torch_optim_returns_the_ridge_solution_as_a_constant():
     _, _, g, f, closed_form = _ridge()
     lam = torch.full((5,), 0.5, requires_grad=True)
     lower = bl.LowerProblem(g, solver=bl.TorchOptim(torch.optim.SGD, 400, lr=0.01, momentum=0.9))
     w = bl.solve(lower, lam, torch.zeros(5), bl.FirstOrder())
     w_ref, _ = closed_form(lam.detach())
-    assert not w.requires_grad and float((w - w_ref).norm() / w_ref.norm()) < 1e-6
+    assert float((w - w_ref).norm() / w_ref.norm()) < 1e-6
+    assert torch.equal(torch.autograd.grad(w.sum(), lam)[0], torch.zeros(5))  # a constant of lam

@@ -1,0 +1,98 @@
+r"""The default check of an implicit hypergradient (:class:`bilevel.ConvergenceCheck`): it warns on iMAML's
+unconverged setting (a ReLU MLP, inner step above 2/L), stays silent when the lower problem is solved, and
+costs nothing between checked solves."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import bilevel as bl
+
+
+def _sinusoid_problem(activation, seed=0):
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Linear(1, 40), activation(), torch.nn.Linear(40, 40), activation(),
+                              torch.nn.Linear(40, 1)).double()
+    theta = {k: v.detach().clone().requires_grad_() for k, v in net.named_parameters()}
+
+    def task():
+        amp, phase = torch.empty(1).uniform_(0.1, 5.0), torch.empty(1).uniform_(0.0, torch.pi)
+        x = torch.empty(20, 1).uniform_(-5.0, 5.0)
+        return x[:10], amp * torch.sin(x[:10] - phase), x[10:], amp * torch.sin(x[10:] - phase)
+
+    def model(p, x):
+        return torch.func.functional_call(net, p, (x,))
+
+    return theta, task, model
+
+
+def _imaml_steps(activation, step, steps, n_outer, strategy):
+    theta, task, model = _sinusoid_problem(activation)
+    opt = torch.optim.Adam(theta.values(), 1e-3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(n_outer):
+            xs, ys, xq, yq = task()
+
+            def g(th, p, xs=xs, ys=ys):
+                return 0.5 * ((model(p, xs) - ys) ** 2).mean() + sum(((p[k] - th[k]) ** 2).sum() for k in p)
+
+            lower = bl.LowerProblem(g, solver=bl.GradientDescent(step, steps))
+            p = bl.solve(lower, theta, {k: v.detach() for k, v in theta.items()}, strategy)
+            ((model(p, xq) - yq) ** 2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+    return [w for w in caught if issubclass(w.category, bl.HypergradientWarning)]
+
+
+def test_the_unconverged_imaml_setting_warns_within_ten_outer_steps():
+    """ReLU 1-40-40-1, inner step 0.05: gradient descent does not settle, the warning names the residual."""
+    found = _imaml_steps(torch.nn.ReLU, 0.05, 100, 10, bl.Implicit(bl.CG(maxiter=10)))
+    assert found, "no HypergradientWarning in 10 outer steps"
+    text = str(found[0].message)
+    assert "residual" in text and "step" in text and "check=None" in text
+
+
+def test_a_solved_lower_problem_is_silent():
+    """tanh MLP, inner step 0.05 (below 2/L) for 300 steps: the residual falls by > 1e4, CG converges."""
+    strategy = bl.Implicit(bl.CG(maxiter=30), check=bl.ConvergenceCheck(every=1))
+    assert _imaml_steps(torch.nn.Tanh, 0.05, 300, 3, strategy) == []
+    assert float(strategy.last_residual) < 1e-6
+
+
+def test_check_none_is_silent_and_error_raises():
+    assert _imaml_steps(torch.nn.ReLU, 0.05, 100, 2, bl.Implicit(bl.CG(maxiter=10), check=None)) == []
+    with pytest.raises(bl.LowerSolveError, match="not solved"):
+        _imaml_steps(torch.nn.ReLU, 0.05, 100, 1, bl.Implicit(bl.CG(maxiter=10), check=bl.ConvergenceCheck(error=True)))
+
+
+def test_negative_curvature_is_named():
+    """An indefinite lower Hessian (a saddle of g, reached exactly by a closed form): CG's curvature record."""
+    H = torch.diag(torch.tensor([2.0, 1.0, -0.5]))
+    lower = bl.LowerProblem(lambda x, y: 0.5 * y @ H @ y - x @ y, solver=bl.ClosedForm(lambda x: torch.linalg.solve(H, x)))
+    x = torch.tensor([1.0, 1.0, 1.0], requires_grad=True)
+    with pytest.warns(bl.HypergradientWarning, match="non-positive curvature.*smallest eigenvalue.*damping must exceed"):
+        bl.solve(lower, x, torch.zeros(3), bl.Implicit(bl.CG(maxiter=3))).sum().backward()
+
+
+def test_only_the_first_and_every_nth_solve_are_checked(monkeypatch):
+    calls = []
+    original = bl.ConvergenceCheck.lower
+    monkeypatch.setattr(bl.ConvergenceCheck, "lower", lambda self, *a: calls.append(1) or original(self, *a))
+    lower = bl.LowerProblem(lambda x, y: 0.5 * ((y - x) ** 2).sum(), solver=bl.GradientDescent(0.5, 60))
+    strategy = bl.Implicit(check=bl.ConvergenceCheck(every=4))
+    for _ in range(9):
+        bl.solve(lower, torch.ones(2, requires_grad=True), torch.zeros(2), strategy)
+    assert len(calls) == 3 and strategy.solves == 9  # solves 1, 4 and 8
+
+
+@pytest.mark.parametrize("bad", [dict(every=0), dict(every=2.5), dict(rtol=-1.0), dict(atol=float("nan")),
+                                 dict(linear_rtol=float("inf")), dict(step=0.0)])
+def test_bad_options_are_refused(bad):
+    with pytest.raises(ValueError, match="ConvergenceCheck"):
+        bl.ConvergenceCheck(**bad)
+    with pytest.raises(TypeError, match="check must be"):
+        bl.Implicit(check=0.01)
