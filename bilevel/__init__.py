@@ -20,9 +20,11 @@ from .constraints import Box, Constraint, Intersection, LInfBall
 from .convergence import ConvergenceCheck, HypergradientWarning
 from .hypergrad import FirstOrder, Implicit, Linearized, Strategy, Unrolled
 from .linalg import CG, DenseSolve, LinearSolveInfo, LinearSolver, Neumann
+from .modules import functional, load_parameters, parameters
 from .problem import LowerProblem
 from .products import CentralDifference, Exact, ForwardDifference, Products
 from .residual import LowerSolveError, ResidualCheck, lower_residual
+from .sgd import SGD
 from .solvers import ClosedForm, GradientDescent, ProjectedGradient, SignedProjectedGradient, Solver
 from .stochastic import BOME, F2SA, SOBA, AmIGO, RandomBatches, StocBiO, StochasticState
 from .torch_optim import TorchOptim
@@ -33,10 +35,10 @@ __all__ = [
     "Box", "Constraint", "Intersection", "LInfBall",
     "FirstOrder", "Implicit", "Linearized", "Strategy", "Unrolled",
     "CG", "DenseSolve", "LinearSolveInfo", "LinearSolver", "Neumann",
-    "LowerProblem",
+    "LowerProblem", "parameters", "functional", "load_parameters",
     "CentralDifference", "Exact", "ForwardDifference", "Products",
     "solve", "value_and_hypergrad",
-    "ClosedForm", "GradientDescent", "ProjectedGradient", "SignedProjectedGradient", "Solver", "TorchOptim",
+    "ClosedForm", "GradientDescent", "ProjectedGradient", "SignedProjectedGradient", "Solver", "SGD", "TorchOptim",
     "lower_residual", "ResidualCheck", "LowerSolveError", "ConvergenceCheck", "HypergradientWarning",
     "AmIGO", "StocBiO", "SOBA", "F2SA", "BOME", "StochasticState", "RandomBatches",
 ]

@@ -5,9 +5,11 @@ from __future__ import annotations
 from typing import Callable, Tuple
 
 import torch
+from torch import nn
 
 from ._tree import Tree, is_functorch_mode, leaves, to_vector, unflatten
 from .hypergrad.base import Strategy
+from .modules import parameters
 from .problem import LowerProblem
 
 __all__ = ["solve", "value_and_hypergrad"]
@@ -21,7 +23,11 @@ def _check_inputs(lower: LowerProblem, x: Tree, init: Tree, strategy: Strategy) 
             f"solve: `strategy` must be a bilevel strategy object (Implicit(), Unrolled(), Linearized(...), "
             f"FirstOrder()), got {strategy!r}"
         )
-    leaves(x)
+    x_flat, _ = leaves(x)
+    for i, t in enumerate(x_flat):
+        if not (t.is_floating_point() or t.is_complex()):
+            raise TypeError(f"solve: the upper variable x must be floating point (leaf {i} is {t.dtype}): a hypergradient "
+                            "needs a differentiable x; convert it with .double() or .float()")
     lower.check(init)
 
 
@@ -35,14 +41,23 @@ def solve(lower: LowerProblem, x: Tree, init: Tree, strategy: Strategy, *, check
 
     Args:
         lower: the lower problem (objective, constraint, solver).
-        x: the upper variable: a tensor, a tree of tensors, or ``dict(module.named_parameters())``.
+        x: the upper variable: a tensor, a tree of tensors, or an ``nn.Module`` (its live parameters,
+            ``dict(module.named_parameters())``: ``backward()`` fills their ``.grad``). Floating point; if no
+            leaf requires grad (and no ``torch.func`` transform is active), the result is a value without a
+            graph, as under ``torch.no_grad()``: ``f(x, y).backward()`` then has nothing to reach.
         init: the solver's starting point (or the linearization point for :class:`~bilevel.Linearized`),
-            a tree shaped like the lower variable.
+            a tree shaped like the lower variable, or an ``nn.Module`` (a detached copy of its parameters,
+            :func:`bilevel.parameters`; ``g`` then receives a ``{name: tensor}`` dict, evaluated with
+            :func:`bilevel.functional`).
         strategy: :class:`~bilevel.Implicit`, :class:`~bilevel.Unrolled`, :class:`~bilevel.Linearized`
             or :class:`~bilevel.FirstOrder`.
         check_finite: raise ``FloatingPointError`` if the solution has NaN or Inf. This reads one boolean
             from the device (a host sync); pass ``False`` in GPU training loops that check the loss instead.
     """
+    if isinstance(x, nn.Module):
+        x = parameters(x, detach=False)
+    if isinstance(init, nn.Module):
+        init = parameters(init)
     _check_inputs(lower, x, init, strategy)
     y = strategy.solve(lower, x, init)
     if check_finite:

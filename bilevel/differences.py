@@ -100,16 +100,17 @@ class DifferenceProducts(SecondOrderProducts):
         central: central (``True``) or forward differences.
         h: ``None`` for the step rule, or a fixed step: the point moves to :math:`y \pm h v`.
         scale: a factor on the rule's step (ignored when ``h`` is given).
+        distance: a fixed distance the point moves along the unit direction, instead of the rule's.
         base_x, base_y: :math:`\nabla_x g` and :math:`\nabla_y g` at the point, if already computed.
     """
 
     def __init__(self, objective: Objective, x_flat: Sequence[torch.Tensor], x_spec: Any,
                  y_flat: Sequence[torch.Tensor], y_spec: Any, *, central: bool, h: Optional[float] = None,
                  scale: float = 1.0, base_x: Optional[List[torch.Tensor]] = None,
-                 base_y: Optional[List[torch.Tensor]] = None) -> None:
+                 base_y: Optional[List[torch.Tensor]] = None, distance: Optional[float] = None) -> None:
         self.objective, self.x_spec, self.y_spec = objective, x_spec, y_spec
         self.x_like, self.y_like = list(x_flat), list(y_flat)
-        self.central, self.h, self.scale = central, h, scale
+        self.central, self.h, self.scale, self.distance = central, h, scale, distance
         self.base_x, self.base_y = base_x, base_y
         self._t: Optional[torch.Tensor] = None
 
@@ -133,7 +134,8 @@ class DifferenceProducts(SecondOrderProducts):
         if self.h is not None:
             return self.h * v, 1.0 / ((2.0 if self.central else 1.0) * self.h)
         if self._t is None:
-            self._t = rule_step(self.y_like, self.central) * self.scale
+            self._t = (rule_step(self.y_like, self.central) * self.scale if self.distance is None
+                       else torch.tensor(float(self.distance), dtype=v.dtype, device=v.device))
         norm = torch.linalg.vector_norm(v.detach()).clamp_min(torch.finfo(v.dtype).tiny)
         # moving by t * v / |v| (not h * v with h = t / |v|) cannot overflow, and v = 0 gives 0
         return v * (self._t / norm), norm / ((2.0 if self.central else 1.0) * self._t)
@@ -166,7 +168,7 @@ class DifferencedGradient(torch.autograd.Function):
     :math:`x`, :math:`w \mapsto \nabla^2_{xy} g\, w`, by differences (no double backward). ``y`` is a
     constant (its cotangent is ``None``).
 
-    Call as ``DifferencedGradient.apply((objective, x_spec, y_spec, n_x, central, h, scale), *x_flat, *y_flat)``; it
+    Call as ``DifferencedGradient.apply((objective, x_spec, y_spec, n_x, central, h, scale, distance), *x_flat, *y_flat)``; it
     returns the leaves of :math:`\nabla_y g`, followed, for forward differences, by those of
     :math:`\nabla_x g` at the point (non-differentiable outputs: the forward pass computes them in the
     same backward pass, and the backward pass reuses them as the base of its difference; under
@@ -200,7 +202,7 @@ class DifferencedGradient(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, *cotangents: Optional[torch.Tensor]) -> Tuple[Optional[torch.Tensor], ...]:
-        objective, x_spec, y_spec, n_x, central, h, scale = ctx.meta
+        objective, x_spec, y_spec, n_x, central, h, scale, distance = ctx.meta
         n_y = ctx.n_y
         saved = ctx.saved_tensors
         x_flat, y_flat = list(saved[:n_x]), list(saved[n_x:n_x + n_y])
@@ -217,7 +219,7 @@ class DifferencedGradient(torch.autograd.Function):
                 "under plain autograd; use torch.func (e.g. torch.func.jacrev(torch.func.grad(F))) or products=Exact()"
             )
         products = DifferenceProducts(objective, x_flat, x_spec, y_flat, y_spec, central=central, h=h, scale=scale,
-                                      base_x=base_x)
+                                      base_x=base_x, distance=distance)
         device_type, cast = ctx.autocast
         with torch.autocast(device_type, dtype=cast, enabled=cast is not None):
             cross = products.cross(to_vector(w))

@@ -67,6 +67,7 @@ class _Difference(Products):
     central: bool
     h: Optional[float]
     scale: float
+    distance: Optional[float]
 
     def __post_init__(self) -> None:
         who = type(self).__name__
@@ -74,18 +75,21 @@ class _Difference(Products):
             raise ValueError(f"{who}: h must be None (the step rule) or a finite number > 0, got {self.h!r}")
         if not _positive(self.scale):
             raise ValueError(f"{who}: scale must be a finite number > 0, got {self.scale!r}")
-        if self.h is not None and self.scale != 1.0:
-            raise ValueError(f"{who}: give h (a fixed step) or scale (a factor on the rule's step), not both")
+        if self.distance is not None and not _positive(self.distance):
+            raise ValueError(f"{who}: distance must be None or a finite number > 0, got {self.distance!r}")
+        if sum([self.h is not None, self.scale != 1.0, self.distance is not None]) > 1:
+            raise ValueError(f"{who}: give one of h (a fixed step), distance (a fixed move of the point) or scale "
+                             "(a factor on the rule's step)")
 
     def at(self, objective: Objective, x_flat: Sequence[torch.Tensor], x_spec: Any, y_flat: Sequence[torch.Tensor],
            y_spec: Any) -> SecondOrderProducts:
         return DifferenceProducts(objective, x_flat, x_spec, y_flat, y_spec, central=self.central, h=self.h,
-                                  scale=self.scale)
+                                  scale=self.scale, distance=self.distance)
 
     def grad_y(self, objective: Objective, x: Tree, y: Tree) -> Tree:
         x_flat, x_spec = leaves(x)
         y_flat, y_spec = leaves(y)
-        meta = (objective, x_spec, y_spec, len(x_flat), self.central, self.h, self.scale)
+        meta = (objective, x_spec, y_spec, len(x_flat), self.central, self.h, self.scale, self.distance)
         out = DifferencedGradient.apply(meta, *x_flat, *[t.detach() for t in y_flat])
         return unflatten(list(out[: len(y_flat)]), y_spec)
 
@@ -115,10 +119,13 @@ class CentralDifference(_Difference):
         h: ``None`` for the rule above, or a fixed step (the point moves to :math:`y \pm h v`).
         scale: a factor on the rule's step (the rule's length :math:`1 + \lVert y\rVert` times
             ``scale``), for objectives whose curvature changes over a longer or shorter length.
+        distance: a fixed distance :math:`t` the point moves, :math:`h = t / \lVert v\rVert` whatever
+            :math:`y`: DARTS's :math:`\epsilon = 0.01 / \lVert v\rVert` is ``distance=0.01`` (Liu et al., 2019).
     """
 
     h: Optional[float] = None
     scale: float = 1.0
+    distance: Optional[float] = None
     central = True
 
 
@@ -139,10 +146,12 @@ class ForwardDifference(_Difference):
     Args:
         h: ``None`` for the rule above, or a fixed step (the point moves to :math:`y + h v`).
         scale: a factor on the rule's step.
+        distance: a fixed distance the point moves, :math:`h = \text{distance} / \lVert v\rVert`.
     """
 
     h: Optional[float] = None
     scale: float = 1.0
+    distance: Optional[float] = None
     central = False
 
 
