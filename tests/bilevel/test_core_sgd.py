@@ -71,7 +71,7 @@ def test_each_step_draws_a_fresh_batch_and_stays_differentiable():
     def loop(x):
         w, buf = w0, None
         for k in range(8):  # the solve above drew batches 0..7 in order
-            d = torch.func.grad(lambda w: g(x, w, k % 4))(w)
+            d = torch.func.grad(lambda w, k=k: g(x, w, k % 4))(w)
             buf = d if buf is None else 0.9 * buf + d
             w = w - 0.1 * buf
         return w.sum()
@@ -98,7 +98,7 @@ def test_a_darts_second_order_step_is_the_published_update():
     g_wd = lambda a, v: g(a, v) + 0.5 * wd * (v * v).sum()
     for strategy, lower in [(bl.Unrolled(), bl.LowerProblem(g, solver=bl.SGD(xi, 1, weight_decay=wd))),
                             (bl.Linearized(step=xi), bl.LowerProblem(g_wd))]:
-        got = torch.func.grad(lambda a: val(a, bl.solve(lower, a, w, strategy)))(alpha)
+        got = torch.func.grad(lambda a, lower=lower, strategy=strategy: val(a, bl.solve(lower, a, w, strategy)))(alpha)
         torch.testing.assert_close(got, darts, rtol=1e-10, atol=1e-13)
     # DARTS's finite difference: epsilon = 0.01 / ||v||, i.e. the point moves a distance 0.01
     lin = bl.Linearized(step=xi, products=bl.CentralDifference(distance=0.01))
