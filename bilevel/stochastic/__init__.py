@@ -13,7 +13,7 @@ independent batch every quantity uses. See the documentation page "Stochastic bi
 
 from .amigo import AmIGO
 from .base import StochasticImplicit
-from .batches import IterableBatches, RandomBatches, as_batches
+from .batches import BatchError, CheckedBatches, IterableBatches, RandomBatches, as_batches, check_batch
 from .bome import BOME
 from .f2sa import F2SA, benchopt_lam_growth
 from .single_loop import SingleLoop
@@ -23,4 +23,5 @@ from .stocbio import StocBiO
 from .system import BatchSystem
 
 __all__ = ["AmIGO", "StocBiO", "SOBA", "F2SA", "BOME", "SingleLoop", "StochasticImplicit", "BatchSystem", "StochasticState",
-           "RandomBatches", "IterableBatches", "as_batches", "benchopt_lam_growth"]
+           "RandomBatches", "IterableBatches", "CheckedBatches", "BatchError", "as_batches", "check_batch",
+           "benchopt_lam_growth"]

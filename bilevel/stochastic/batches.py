@@ -12,8 +12,9 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Union
 
 import torch
+from torch.utils import _pytree as pytree
 
-__all__ = ["BatchSource", "as_batches", "IterableBatches", "RandomBatches"]
+__all__ = ["BatchSource", "as_batches", "IterableBatches", "RandomBatches", "CheckedBatches", "BatchError", "check_batch"]
 
 BatchSource = Union[Callable[[], Any], Iterable[Any]]
 
@@ -69,14 +70,62 @@ class RandomBatches:
         self.generator.set_state(state["generator"])
 
 
+class BatchError(ValueError):
+    """A batch source returned an empty batch or ended (``StopIteration``)."""
+
+
+def check_batch(batch: Any, who: str = "bilevel") -> Any:
+    """Return ``batch`` unchanged, or raise :class:`BatchError` if it is an empty container or has a tensor with no
+    rows (leading dimension 0: a mean over it is NaN and its gradient zero). Shapes only: no sync. ``None`` passes
+    (some objectives read ``g(x, y, None)`` as the full objective)."""
+    if isinstance(batch, (list, tuple, dict)) and len(batch) == 0:
+        raise BatchError(f"{who}: the batch source returned an empty {type(batch).__name__}")
+    for leaf in (batch,) if isinstance(batch, torch.Tensor) else pytree.tree_flatten(batch)[0]:
+        if isinstance(leaf, torch.Tensor) and leaf.ndim >= 1 and leaf.shape[0] == 0:
+            raise BatchError(f"{who}: the batch source returned an empty batch (a tensor of shape {tuple(leaf.shape)}); "
+                             "a mean over no samples is NaN and its gradient zero")
+    return batch
+
+
+class CheckedBatches:
+    """A batch source as the solvers and methods call it: the next batch, checked by :func:`check_batch`.
+
+    A ``StopIteration`` from a callable source becomes a :class:`BatchError` (left alone it would end the
+    caller's own loop silently, e.g. inside ``map``). Other attributes (``state_dict``, ...) are the source's.
+    """
+
+    def __init__(self, source: Callable[[], Any]) -> None:
+        self.source = source
+
+    def __call__(self) -> Any:
+        try:
+            batch = self.source()
+        except StopIteration:
+            raise BatchError("bilevel: the batch source raised StopIteration (an exhausted iterator behind a callable?); "
+                             "pass the iterable itself (it is re-iterated each pass) or a callable that always returns "
+                             "a batch") from None
+        return check_batch(batch)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "source":  # not yet set (e.g. during unpickling)
+            raise AttributeError(name)
+        return getattr(self.source, name)
+
+    def __repr__(self) -> str:
+        return f"CheckedBatches({self.source!r})"
+
+
 def as_batches(source: Optional[BatchSource]) -> Optional[Callable[[], Any]]:
-    """A no-argument callable returning the next batch: ``source`` itself if callable, else :class:`IterableBatches`.
+    """A no-argument callable returning the next batch, checked (:class:`CheckedBatches`): ``source`` if callable,
+    else an :class:`IterableBatches` over it.
 
     ``None`` stays ``None`` (full batch: the objective is called without a batch argument).
     """
-    if source is None or callable(source):
+    if source is None or isinstance(source, CheckedBatches):
         return source
+    if callable(source):
+        return CheckedBatches(source)
     if isinstance(source, torch.Tensor) or not hasattr(source, "__iter__"):
         raise TypeError(f"bilevel: a batch source must be a callable or an iterable (e.g. a DataLoader), got "
                         f"{type(source).__name__}")
-    return IterableBatches(source)
+    return CheckedBatches(IterableBatches(source))

@@ -16,6 +16,7 @@ data-dependent quantity stays a tensor.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
@@ -93,8 +94,20 @@ class SingleLoop:
 
     # helpers shared by the methods
     def rate(self, step_size: StepSize, t: int) -> float:
-        """The step size at step count ``t`` (a number, or a schedule evaluated at ``t``)."""
-        return step_size(t) if callable(step_size) else step_size
+        """The step size at step count ``t`` (a number, or a schedule evaluated at ``t``, which must give a finite number > 0)."""
+        if not callable(step_size):
+            return step_size
+        value = step_size(t)
+        if isinstance(value, torch.Tensor):  # read without a sync only when it is already on the host
+            number = float(value) if value.device.type == "cpu" and value.numel() == 1 else None
+        else:
+            number = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+        if number is None and not isinstance(value, torch.Tensor):
+            raise TypeError(f"{type(self).__name__}: the step-size schedule returned {value!r} at step {t}; expected a number")
+        if number is not None and not (math.isfinite(number) and number > 0):
+            raise ValueError(f"{type(self).__name__}: the step-size schedule returned {number!r} at step {t}; step sizes "
+                             "must be finite and > 0")
+        return value
 
     def draw(self) -> Tuple[Tuple[Any, ...], Tuple[Any, ...]]:
         """Fresh, independent batch arguments for ``g`` and for ``f`` (empty tuples without a source)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any, Dict, Optional
 
-from .._tree import Tree
+from .._tree import Tree, leaves
 
 __all__ = ["StochasticState"]
 
@@ -37,5 +37,23 @@ class StochasticState:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        for f in fields(self):
-            setattr(self, f.name, state[f.name])
+        """Restore from :meth:`state_dict`. Raises ``ValueError`` if keys are missing or unknown, or if a saved
+        iterate's tree structure or shapes differ from this state's (a checkpoint of another problem)."""
+        names = [f.name for f in fields(self)]
+        if not isinstance(state, dict):
+            raise ValueError(f"StochasticState.load_state_dict: expected a dict from state_dict(), got {type(state).__name__}")
+        missing, unknown = [n for n in names if n not in state], sorted(set(state) - set(names))
+        if missing or unknown:
+            raise ValueError(f"StochasticState.load_state_dict: not a StochasticState state (missing keys {missing}, "
+                             f"unknown keys {unknown})")
+        for name in ("y", "v", "z"):
+            mine, theirs = getattr(self, name), state[name]
+            if mine is None or theirs is None:
+                continue
+            (a, spec_a), (b, spec_b) = leaves(mine), leaves(theirs)
+            if spec_a != spec_b or [tuple(t.shape) for t in a] != [tuple(t.shape) for t in b]:
+                raise ValueError(f"StochasticState.load_state_dict: the saved {name} has shapes "
+                                 f"{[tuple(t.shape) for t in b]} (structure {spec_b}), this state's "
+                                 f"{[tuple(t.shape) for t in a]} (structure {spec_a}): a state of another problem")
+        for name in names:
+            setattr(self, name, state[name])
