@@ -87,7 +87,10 @@ class LowerProblem:
             see :meth:`on`). It must use ``x`` (the upper variable as passed to
             :func:`bilevel.solve`; for a module, ``dict(module.named_parameters())`` through
             ``torch.func.functional_call``) rather than capturing it, so that strategies can
-            differentiate with respect to it.
+            differentiate with respect to it. Strategies re-evaluate ``g`` (Hessian-vector products,
+            finite differences, residual checks), so it must be deterministic and free of side effects:
+            no dropout, no in-place updates of captured state; for a network use
+            :func:`bilevel.functional`, which never writes BatchNorm running statistics.
         constraint: ``None`` (unconstrained), one :class:`~bilevel.Constraint` applied to every leaf of
             ``y``, or a tree of constraints (``None`` for free leaves) matching ``y``'s structure (dicts by
             key; a constraint at an inner node applies to every leaf below it).

@@ -82,6 +82,8 @@ def test_autograd_page(single_thread: None) -> None:
     losses = ns["losses"]
     assert losses[-1] < losses[0]
     assert ns["grads"].shape == (4, ns["d"])
+    assert ns["meta_grads"].shape == (8, 3) and ns["meta_grad"].abs().max() > 1e-4  # vmap over tasks = the loop
+    assert ns["log_decay"].grad is not None and float(ns["log_decay"].grad) != 0.0
 
 
 def test_tutorial_runs_and_validation_loss_falls(single_thread: None, capsys: pytest.CaptureFixture) -> None:
