@@ -16,6 +16,7 @@ methods (AmIGO, StocBiO, SOBA, F2SA, BOME), see :mod:`bilevel.stochastic`.
 """
 
 from ._solve import solve, value_and_hypergrad
+from .adam import Adam
 from .constraints import Box, Constraint, Intersection, LInfBall
 from .convergence import ConvergenceCheck, HypergradientWarning
 from .hypergrad import FirstOrder, Implicit, Linearized, Strategy, Unrolled
@@ -38,7 +39,7 @@ __all__ = [
     "LowerProblem", "parameters", "functional", "load_parameters",
     "CentralDifference", "Exact", "ForwardDifference", "Products",
     "solve", "value_and_hypergrad",
-    "ClosedForm", "GradientDescent", "ProjectedGradient", "SignedProjectedGradient", "Solver", "SGD", "TorchOptim",
+    "ClosedForm", "GradientDescent", "ProjectedGradient", "SignedProjectedGradient", "Solver", "SGD", "Adam", "TorchOptim",
     "lower_residual", "ResidualCheck", "LowerSolveError", "ConvergenceCheck", "HypergradientWarning",
     "AmIGO", "StocBiO", "SOBA", "F2SA", "BOME", "StochasticState", "RandomBatches",
 ]
