@@ -66,7 +66,7 @@ def test_restarts_keep_the_worst_case_per_sample() -> None:
     key = wrong.to(DT) * 1e6 + losses  # lexicographic (wrong, loss); losses here are far below 1e6
     best = key.argmax(0)
     ref = torch.stack(runs)[best, torch.arange(16)]
-    assert torch.equal(got, ref)
+    assert torch.equal(got, ref)  # replay: the restarts are the same single-restart runs, one after another
     assert len({int(b) for b in best}) > 1  # the runs really differ
     with torch.no_grad():
         got_loss = F.cross_entropy(model(x + got), y, reduction="none")

@@ -163,7 +163,7 @@ def test_use_lean_batchnorm_swaps_layers_keeping_state_and_outputs():
     assert use_lean_batchnorm(model) is model
     assert sum(isinstance(m, BatchNorm2d) for m in model.modules()) == 17 and not model.training
     assert not any(type(m) is nn.BatchNorm2d for m in model.modules())
-    torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+    torch.testing.assert_close(model(x), before, rtol=0, atol=0)  # replay: eval mode runs nn.BatchNorm2d.forward
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     lean = build_model("preact_resnet18", 10, 3, 0.5, 0.5, lean_batchnorm=True)
     assert sum(isinstance(m, BatchNorm2d) for m in lean.modules()) == 17

@@ -57,7 +57,7 @@ def test_differenced_step_is_the_exact_step_in_float64(batch, products, tol):
     eps = 0.1
     loss_exact, g_exact = step_grads(model, FastBAT(eps=eps), x, y)
     loss_fd, g_fd = step_grads(model, FastBAT(eps=eps, products=products), x, y)
-    assert torch.equal(loss_fd, loss_exact)
+    assert torch.equal(loss_fd, loss_exact)  # replay: the products change the backward only, not the forward
     ig_exact, ig_fd = ig_term(model, x, y, bl.Exact(), eps), ig_term(model, x, y, products, eps)
     assert rel(ig_fd, ig_exact) < tol
     assert rel(ig_exact, g_exact) > 1e-4  # the term is not negligible: the check above tests something

@@ -158,6 +158,7 @@ def test_normalized_equals_manual_normalization() -> None:
     x = torch.rand(4, 3, 12, 12)
     manual = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
     with torch.no_grad():
+        # replay: the wrapper does the same two elementwise ops on the same (1, C, 1, 1) statistics
         torch.testing.assert_close(model(x), net(manual), rtol=0, atol=0)
     assert model.mean.shape == (1, 3, 1, 1) and model.std.shape == (1, 3, 1, 1)
     assert {"mean", "std"} <= set(model.state_dict())
