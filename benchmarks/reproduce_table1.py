@@ -188,9 +188,9 @@ def autoattack_checkpoint(checkpoint: Path, n: int, batch_size: int, device: str
     import torch
 
     from applications.adversarial.build import build_run_model, load_run_data
-    from applications.adversarial.checkpoint import load
     from applications.adversarial.config import config_from_dict
     from applications.adversarial.evaluation import autoattack_accuracy
+    from applications.common.checkpoint import load
 
     ckpt = load(checkpoint, map_location=device)
     cfg = config_from_dict(ckpt["config"])

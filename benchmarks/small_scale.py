@@ -214,8 +214,8 @@ def _quiet(*_: Any) -> None:
 def pgd_test(checkpoint: Path) -> Dict[str, Any]:
     """The trainer's final test (same images, same seeded random starts) on a checkpoint, through
     ``bilevel-evaluate``'s :func:`~applications.adversarial.evaluate.evaluate_checkpoint`."""
-    from applications.adversarial.checkpoint import load
     from applications.adversarial.evaluate import evaluate_checkpoint
+    from applications.common.checkpoint import load
 
     ev = load(checkpoint, map_location="cpu")["config"]["eval"]
     out = evaluate_checkpoint(checkpoint, ["pgd"], pgd_steps=ev["test_steps"], pgd_restarts=ev["test_restarts"],

@@ -60,3 +60,34 @@ def test_nothing_cites_a_file_outside_the_repository() -> None:
     cites = [f for f in files if f.endswith((".py", ".md", ".yaml", ".yml", ".sh"))
              and marker in (ROOT / f).read_text(encoding="utf-8", errors="replace")]
     assert cites == []
+
+
+def _imported_packages(path: Path) -> set:
+    """The ``applications.<x>`` packages that the module at ``path`` imports (absolute or relative)."""
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: resolved against the module's own package
+                pkg = parts[:-1]  # the package of the module (of __init__.py: the package itself)
+                pkg = pkg[: len(pkg) - (node.level - 1)]
+                base = ".".join([*pkg, base] if base else pkg)
+            names = [base] + [f"{base}.{a.name}" for a in node.names]
+        else:
+            continue
+        found |= {n.split(".")[1] for n in names if n.startswith("applications.") and n.count(".") >= 1}
+    return found
+
+
+@pytest.mark.parametrize("package", ["adversarial", "datacleaning", "hyperopt", "common", "vision"])
+def test_no_application_imports_another(package: str) -> None:
+    """The applications share code only through applications/common (the run layer) and applications/vision
+    (datasets, the small CNN); those two import no application."""
+    allowed = {package, "common", "vision"} if package not in ("common", "vision") else {package, "common"}
+    bad = {f"{p.relative_to(ROOT)}: {sorted(_imported_packages(p) - allowed)}"
+           for p in sorted((ROOT / "applications" / package).rglob("*.py")) if _imported_packages(p) - allowed}
+    assert sorted(bad) == []
+

@@ -9,8 +9,9 @@ from typing import Any, Dict, Optional
 import torch
 from torch import nn
 
+from applications.vision.data import DataError, ImageArrays, load_dataset, train_val_split
+
 from .config import Config
-from .data import DataError, ImageArrays, load_dataset, train_val_split
 from .models import build_model
 
 __all__ = ["RunData", "build_run_model", "load_run_data"]

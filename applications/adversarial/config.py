@@ -33,30 +33,26 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import os
 import re
-import typing
 from pathlib import Path
 from typing import Annotated, Any, Dict, List, Literal, Mapping, Optional, Sequence, Tuple, Type, Union
 
 import yaml
-from pydantic import (
-    AllowInfNan,
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    StrictBool,
-    StrictInt,
-    StrictStr,
-    ValidationError,
-    create_model,
-    field_validator,
-    model_validator,
-)
+from pydantic import Field, StrictBool, StrictInt, StrictStr, ValidationError, field_validator, model_validator
 
-from .data import DATASETS, PATH_MUST_EXIST, PATH_REQUIRED
+from applications.common.config import (
+    ConfigError,
+    Real,
+    Section,
+    as_float,
+    check_options,
+    describe_errors,
+    did_you_mean,
+    init_fields,
+)
+from applications.common.yamlfile import collect_overrides, read_yaml
+from applications.vision.data import DATASETS, PATH_MUST_EXIST, PATH_REQUIRED
 
 __all__ = [
     "AugmentConfig",
@@ -65,86 +61,19 @@ __all__ = [
     "Config",
     "ConfigError",
     "DataConfig",
-    "EXIT_CONFIG",
     "EvalConfig",
     "MethodConfig",
     "ModelConfig",
     "OutputConfig",
     "QUICKSTART",
     "TrainConfig",
-    "apply_overrides",
-    "as_float",
-    "check_options",
     "config_from_dict",
-    "describe_error",
-    "did_you_mean",
     "config_to_dict",
     "load_config",
-    "parse_override",
-    "read_yaml",
 ]
 
-#: Exit status of the commands on an invalid configuration (or an unusable run directory / checkpoint).
-EXIT_CONFIG = 2
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 QUICKSTART = CONFIG_DIR / "quickstart.yaml"
-
-
-class ConfigError(ValueError):
-    """A configuration with one or more problems; ``problems`` lists each one."""
-
-    def __init__(self, problems: Sequence[str]) -> None:
-        self.problems = list(problems)
-        lines = "\n".join(f"  - {p}" for p in self.problems)
-        n = len(self.problems)
-        super().__init__(f"invalid configuration ({n} problem{'s' if n != 1 else ''}):\n{lines}")
-
-
-# ------------------------------------------------------------------------------------ value types
-
-_FRACTION = re.compile(r"^\s*([-+]?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)\s*/\s*(\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)\s*$")
-
-
-def as_float(value: Any) -> Optional[float]:
-    """``value`` as a float (ints, floats, numeric strings, fractions such as "8/255"); None if not."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, str):
-        m = _FRACTION.match(value)
-        if m:
-            den = float(m.group(2))
-            return float(m.group(1)) / den if den != 0 else None
-        try:
-            return float(value)
-        except ValueError:
-            return None
-    return None
-
-
-def _fraction(value: Any) -> Any:
-    """Before-validator of :data:`Real`: strings such as "8/255" become floats; booleans stay (rejected)."""
-    if isinstance(value, str):
-        f = as_float(value)
-        return value if f is None else f
-    return value
-
-
-#: A float that also accepts "a/b" fractions and numeric strings (not booleans), finite.
-Real = Annotated[float, BeforeValidator(_fraction), AllowInfNan(False)]
-#: The same, also accepting inf (method options such as ``lam: .inf``).
-AnyReal = Annotated[float, BeforeValidator(_fraction)]
-
-
-def did_you_mean(key: str, valid: Sequence[str]) -> str:
-    """The hint `` (did you mean 'x'?)`` for an unknown ``key`` among ``valid`` (empty when none is close)."""
-    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 def _options_flat(raw: Any, own: Tuple[str, ...]) -> Any:
@@ -160,7 +89,7 @@ def _options_flat(raw: Any, own: Tuple[str, ...]) -> Any:
 # ----------------------------------------------------------------------------------------- schema
 
 
-class AugmentConfig(_Section):
+class AugmentConfig(Section):
     """On-device training augmentation: random crop with ``crop`` pixels of zero padding (0: off),
     horizontal flip, random rotation by up to ``rotation`` degrees (0: off)."""
 
@@ -169,8 +98,8 @@ class AugmentConfig(_Section):
     rotation: Real = Field(0.0, ge=0)
 
 
-class DataConfig(_Section):
-    """``name``: one of :data:`~applications.adversarial.data.DATASETS`; ``path``: file/folder/download root
+class DataConfig(Section):
+    """``name``: one of :data:`~applications.vision.data.DATASETS`; ``path``: file/folder/download root
     (required for all but the embedded mnist5k and digits); ``n_val``: images held out of the training
     split for validation (the last ``n_val``, the paper's 45k/5k protocol); ``n_train``: optional cap on
     the remaining training images (a prefix)."""
@@ -182,7 +111,7 @@ class DataConfig(_Section):
     augmentation: AugmentConfig = Field(default_factory=AugmentConfig)
 
 
-class _NamedOptions(_Section):
+class _NamedOptions(Section):
     """A ``name`` and its ``options``, written flat next to ``name`` or nested under ``options`` (a bare
     string is the name)."""
 
@@ -220,7 +149,7 @@ class MethodConfig(_NamedOptions):
     name: StrictStr = "fast_bat"
 
 
-class TrainConfig(_Section):
+class TrainConfig(Section):
     """Optimization: SGD (``momentum``, ``weight_decay``, ``nesterov``) for ``epochs`` epochs of
     ``batch_size`` images (the global batch), learning rate by ``lr_schedule``
     (:func:`~applications.adversarial.schedule.learning_rate`); ``amp``: autocast dtype on CUDA (bf16
@@ -255,14 +184,14 @@ class TrainConfig(_Section):
         return self
 
 
-class EvalConfig(_Section):
+class EvalConfig(Section):
     """Per-epoch validation: clean accuracy on the whole validation split, PGD robust accuracy
     (``val_steps`` steps, ``val_restarts`` restarts, step ``val_step_size``, default eps/4) on the first
     ``val_n`` validation images. Final test: PGD-``test_steps``-``test_restarts`` with step
     ``test_step_size`` (default eps/4) on the first ``test_n`` test images (null: all) of the best and
     the last checkpoint. ``autoattack_n``: also standard AutoAttack on the first ``autoattack_n`` test
-    images of the best checkpoint (needs ``pyautoattack``; null: off). ``eps``: attack radius (default:
-    the method's eps)."""
+    images of the best checkpoint (needs ``pyautoattack``; null or 0: off; not run, with a note, when
+    ``final_test`` is false). ``eps``: attack radius (default: the method's eps)."""
 
     eps: Optional[Real] = Field(None, ge=0, le=1)
     batch_size: StrictInt = Field(200, gt=0)
@@ -275,16 +204,20 @@ class EvalConfig(_Section):
     test_restarts: StrictInt = Field(10, gt=0)
     test_step_size: Optional[Real] = Field(None, ge=0)
     final_test: StrictBool = True
-    autoattack_n: Optional[StrictInt] = Field(None, gt=0)
+    autoattack_n: Optional[StrictInt] = Field(None, ge=0)
 
-    @model_validator(mode="after")
-    def _autoattack_needs_final_test(self) -> EvalConfig:
-        if self.autoattack_n is not None and not self.final_test:
-            raise ValueError("eval.autoattack_n runs after the final test: it needs eval.final_test=true")
-        return self
+    @field_validator("autoattack_n")
+    @classmethod
+    def _zero_is_off(cls, n: Optional[int]) -> Optional[int]:
+        return None if n == 0 else n
+
+    @property
+    def autoattack_runs(self) -> bool:
+        """Whether the run ends with AutoAttack: ``autoattack_n`` set, and the final test on."""
+        return self.autoattack_n is not None and self.final_test
 
 
-class COConfig(_Section):
+class COConfig(Section):
     """Catastrophic-overfitting detection on the per-epoch validation numbers. ``options`` (written flat
     next to ``enabled``) go to ``overfitting.CatastrophicOverfitting``; ``early_stop``: stop training when
     it is detected (the best checkpoint, from before the collapse, is kept either way)."""
@@ -299,7 +232,7 @@ class COConfig(_Section):
         return _options_flat(raw, ("enabled", "early_stop"))
 
 
-class OutputConfig(_Section):
+class OutputConfig(Section):
     """Run directory ``dir/name`` (name default: ``<method>_<model>_<data>_seed<seed>``); ``overwrite``:
     allow starting a fresh run in a directory that already holds a checkpoint; ``tensorboard``: also
     write the per-epoch scalars as TensorBoard events under ``<run>/tensorboard`` (needs the
@@ -320,7 +253,7 @@ class OutputConfig(_Section):
         return enabled
 
 
-class Config(_Section):
+class Config(Section):
     """A whole run: the sections above plus ``seed``, ``device`` and ``cpu_threads``."""
 
     seed: StrictInt = Field(0, ge=0)
@@ -364,59 +297,13 @@ class Config(_Section):
 
 #: The sections of a :class:`Config`, validated one by one when the whole fails (so the checks that
 #: need a valid section still run).
-_SECTIONS: Dict[str, Type[_Section]] = {
+_SECTIONS: Dict[str, Type[Section]] = {
     "data": DataConfig, "model": ModelConfig, "method": MethodConfig, "train": TrainConfig,
     "eval": EvalConfig, "co": COConfig, "output": OutputConfig,
 }
 
 
 # ------------------------------------------------------------------------------------ error report
-
-_TYPE_NAMES = {"int": "int", "float": "float", "bool": "bool", "string": "str", "dict": "mapping",
-               "model": "mapping", "list": "list"}
-
-
-def _fields_at(model: Type[BaseModel], loc: Sequence[Any]) -> List[str]:
-    """The field names of the section model that ``loc`` (a key path) leads into."""
-    for key in loc:
-        field = model.model_fields.get(str(key))
-        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
-            return []
-        model = field.annotation
-    return list(model.model_fields)
-
-
-def describe_error(error: Mapping[str, Any], root: Type[BaseModel], prefix: Tuple[str, ...] = ()) -> str:
-    """One pydantic error as one line: ``key.path: what is wrong`` (unknown keys with a suggestion)."""
-    loc = prefix + tuple(str(k) for k in error["loc"])
-    path = ".".join(loc) or "config"
-    kind, value, ctx = error["type"], error.get("input"), error.get("ctx") or {}
-    if kind == "extra_forbidden":
-        valid = _fields_at(root, loc[len(prefix):-1])
-        return f"unknown key {path!r}{did_you_mean(loc[-1], valid)}"
-    if kind == "literal_error":
-        choices = re.findall(r"'([^']*)'", str(ctx.get("expected", "")))
-        hint = did_you_mean(str(value), choices) if isinstance(value, str) else ""
-        return f"{path}: expected {' | '.join(choices)}, got {value!r}{hint}"
-    if kind.endswith(("_type", "_parsing")) and kind.rsplit("_", 1)[0] in _TYPE_NAMES:
-        expected = _TYPE_NAMES[kind.rsplit("_", 1)[0]]
-        return f"{path}: expected {expected}, got {type(value).__name__} {value!r}"
-    bounds = {"greater_than_equal": (">=", "ge"), "greater_than": (">", "gt"), "less_than_equal": ("<=", "le"),
-              "less_than": ("<", "lt")}
-    if kind in bounds:
-        op, key = bounds[kind]
-        bound = ctx[key]
-        bound = int(bound) if isinstance(bound, float) and bound.is_integer() else bound
-        return f"{path}: must be {op} {bound}, got {value!r}"
-    if kind == "string_too_short":
-        return f"{path}: must not be empty"
-    if kind == "finite_number":
-        return f"{path}: must be finite, got {value!r}"
-    if kind == "value_error":
-        message = str(ctx.get("error", error["msg"]))
-        return message if message.startswith(f"{path.split('.')[0]}.") else f"{path}: {message}"
-    return f"{path}: {error['msg']}"
-
 
 # ------------------------------------------------------------------------------ options of classes
 
@@ -433,62 +320,7 @@ def _dataclass_defaults(cls: Optional[type]) -> Dict[str, Any]:
     return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
 
 
-def _lenient(tp: Any) -> Any:
-    """A dataclass field's type for pydantic: floats accept fractions ("8/255") and inf, ints and bools are
-    strict, and a :class:`bilevel.Products` option is one of the names of ``methods.PRODUCTS`` (a string
-    in the config; :func:`~applications.adversarial.methods.build_method` makes it the object)."""
-    import bilevel
-
-    from .methods import PRODUCTS
-
-    origin = typing.get_origin(tp)
-    if origin is Union:
-        return Union[tuple(_lenient(a) for a in typing.get_args(tp))]  # type: ignore[return-value]
-    if isinstance(tp, type) and issubclass(tp, bilevel.Products):
-        return Literal[tuple(PRODUCTS)]  # type: ignore[valid-type]
-    return {float: AnyReal, int: StrictInt, bool: StrictBool, str: StrictStr}.get(tp, tp)
-
-
-def _options_model(cls: type) -> Type[BaseModel]:
-    """A pydantic model of the init fields of dataclass ``cls`` (types only; ranges stay the class's)."""
-    hints = typing.get_type_hints(cls)
-    fields = {}
-    for f in dataclasses.fields(cls):
-        if not f.init:
-            continue
-        default = f.default if f.default is not dataclasses.MISSING else (
-            ... if f.default_factory is dataclasses.MISSING else f.default_factory())
-        fields[f.name] = (_lenient(hints[f.name]), default)
-    return create_model(f"{cls.__name__}Options", __config__=ConfigDict(extra="forbid"), **fields)
-
-
-def check_options(cls: type, options: Dict[str, Any], where: str, owner: str,
-                  problems: List[str], hint: str = "") -> Tuple[Dict[str, Any], bool]:
-    """The known ``options`` typed by the fields of dataclass ``cls``, and whether all of them were
-    valid (unknown keys and type errors recorded in ``problems``; ``hint`` ends the last unknown key's)."""
-    fields = _init_fields(cls)
-    unknown = [key for key in options if key not in fields]
-    for key in unknown:
-        problems.append(f"unknown key '{where}.{key}'{owner}{did_you_mean(str(key), fields)}; "
-                        f"valid: {', '.join(fields)}{hint if key == unknown[-1] else ''}")
-    known = {k: v for k, v in options.items() if k in fields}
-    try:
-        model = _options_model(cls).model_validate(known)
-    except ValidationError as exc:
-        for e in exc.errors():
-            if e["type"] == "missing":
-                problems.append(f"{where}.{e['loc'][0]}: required{owner}")
-            else:
-                problems.append(describe_error(e, BaseModel, (where,)))
-        return known, False
-    return {k: getattr(model, k) for k in known}, len(known) == len(options)
-
-
 # ------------------------------------------------------------------------------ checks across keys
-
-
-def _init_fields(cls: type) -> List[str]:
-    return [f.name for f in dataclasses.fields(cls) if f.init]
 
 
 def _flow(value: Any) -> str:
@@ -498,7 +330,9 @@ def _flow(value: Any) -> str:
 
 def _method_problems(method: MethodConfig, problems: List[str]) -> Optional[Any]:
     """The method's options through its dataclass (types, then its own range checks); the method or None."""
-    from .methods import METHODS, OptionError, build_method, check_eps
+    import bilevel
+
+    from .methods import METHODS, PRODUCTS, OptionError, build_method, check_eps
 
     cls = METHODS.get(method.name)
     if cls is None:
@@ -511,15 +345,15 @@ def _method_problems(method: MethodConfig, problems: List[str]) -> Optional[Any]
         except OptionError as exc:
             problems.append(f"method.eps: {exc.detail}")
         return None
-    own = _init_fields(cls)
-    others = {f for other in METHODS.values() if other is not cls for f in _init_fields(other)}
+    own = init_fields(cls)
+    others = {f for other in METHODS.values() if other is not cls for f in init_fields(other)}
     hint = ""
     if any(k not in own and k in others for k in method.options):  # options of another method
         kept = ", ".join(f"{k}: {_flow(v)}" for k, v in method.options.items() if k in own)
         hint = (f"; a config written for another method keeps its options when only method.name changes: "
                 f"replace the whole section, e.g. method={{name: {method.name}{', ' + kept if kept else ''}}}")
     options, all_valid = check_options(cls, method.options, "method", f" for method {method.name!r}", problems,
-                                        hint)
+                                        hint, choices={bilevel.Products: PRODUCTS})
     if not all_valid and len(options) == len(method.options):
         return None  # a type error: the method's own checks would repeat it
     method.options = options
@@ -576,12 +410,14 @@ def config_from_dict(raw: Any) -> Config:
     if not isinstance(raw, dict):
         raise ConfigError([f"config: expected a mapping at the top level, got {type(raw).__name__}"])
     problems: List[str] = []
+    more = 0
     cfg: Optional[Config] = None
     try:
         cfg = Config.model_validate(raw)
         sections: Dict[str, Any] = {name: getattr(cfg, name) for name in _SECTIONS}
     except ValidationError as exc:
-        problems.extend(describe_error(e, Config) for e in exc.errors())
+        described, more = describe_errors(exc.errors(), Config)
+        problems.extend(described)
         sections = {}
         for name, model in _SECTIONS.items():
             try:
@@ -590,7 +426,7 @@ def config_from_dict(raw: Any) -> Config:
                 pass
     _cross_problems(sections, problems)
     if problems or cfg is None:
-        raise ConfigError(problems)
+        raise ConfigError(problems, more)
     return cfg
 
 
@@ -604,73 +440,6 @@ def config_to_dict(cfg: Config) -> Dict[str, Any]:
     return out
 
 
-# -------------------------------------------------------------------------------------- overrides
-
-
-def parse_override(text: str) -> Tuple[List[str], Any]:
-    """``"train.lr_max=0.1"`` -> (["train", "lr_max"], 0.1). Values go through ``yaml.safe_load``."""
-    if "=" not in text:
-        raise ConfigError([f"override {text!r}: expected key.sub=value"])
-    key, _, value = text.partition("=")
-    key = key.strip()
-    if not key or any(not part for part in key.split(".")):
-        raise ConfigError([f"override {text!r}: empty key"])
-    try:
-        parsed = yaml.safe_load(value) if value.strip() else None
-    except yaml.YAMLError as exc:
-        raise ConfigError([f"override {text!r}: cannot parse the value ({exc})"]) from None
-    return key.split("."), parsed
-
-
-def _apply_overrides(raw: Optional[Mapping[str, Any]], overrides: Sequence[str]) -> Tuple[Dict[str, Any], List[str]]:
-    """:func:`apply_overrides` that returns the problems instead of raising (the valid overrides applied)."""
-    out = copy.deepcopy(dict(raw)) if raw else {}
-    problems: List[str] = []
-    for text in overrides:
-        try:
-            path, value = parse_override(text)
-        except ConfigError as exc:
-            problems.extend(exc.problems)
-            continue
-        node = out
-        for part in path[:-1]:
-            nxt = node.get(part)
-            if nxt is None:
-                nxt = node[part] = {}
-            if not isinstance(nxt, dict):
-                problems.append(f"override {text!r}: {part!r} is not a section")
-                break
-            node = nxt
-        else:
-            node[path[-1]] = value
-    return out, problems
-
-
-def apply_overrides(raw: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, Any]:
-    """Returns a copy of the mapping ``raw`` with each ``key.sub=value`` applied (sections created
-    as needed). Model and co options may be written flat (``model.width=16``) or nested."""
-    out, problems = _apply_overrides(raw, overrides)
-    if problems:
-        raise ConfigError(problems)
-    return out
-
-
-def read_yaml(path: Union[str, Path]) -> Dict[str, Any]:
-    """The YAML mapping in ``path`` (ConfigError if missing, unparsable or not a mapping)."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError([f"config file {str(p)!r} does not exist"])
-    try:
-        raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError([f"config file {str(p)!r}: YAML error: {exc}"]) from None
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise ConfigError([f"config file {str(p)!r}: expected a mapping at the top level"])
-    return raw
-
-
 def load_config(
     path: Union[str, Path, None] = None,
     overrides: Sequence[str] = (),
@@ -681,11 +450,11 @@ def load_config(
     raw: Dict[str, Any] = dict(copy.deepcopy(base)) if base is not None else {}
     if path is not None:
         raw = read_yaml(path)
-    raw, problems = _apply_overrides(raw, overrides)  # a malformed override does not hide the other problems
+    raw, problems = collect_overrides(raw, overrides)  # a malformed override does not hide the other problems
     try:
         cfg = config_from_dict(raw)
     except ConfigError as exc:
-        raise ConfigError(problems + exc.problems) from None
+        raise ConfigError(problems) + exc from None
     if problems:
         raise ConfigError(problems)
     return cfg

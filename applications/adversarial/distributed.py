@@ -27,6 +27,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from applications.common.errors import UserError
+
 __all__ = [
     "DeviceError",
     "DistContext",
@@ -44,7 +46,7 @@ __all__ = [
 ]
 
 
-class DeviceError(RuntimeError):
+class DeviceError(UserError, RuntimeError):
     """The requested device is not available on this machine."""
 
 

@@ -34,13 +34,16 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from applications.adversarial import checkpoint as ckpt_lib
 from applications.adversarial.build import build_run_model, load_run_data
-from applications.adversarial.config import EXIT_CONFIG, ConfigError, as_float, load_config
-from applications.adversarial.data import DataError
-from applications.adversarial.distributed import DeviceError, DistContext, resolve_device
+from applications.adversarial.config import ConfigError, load_config
+from applications.adversarial.distributed import DistContext, resolve_device
 from applications.adversarial.evaluation import autoattack_accuracy, evaluate_clean, evaluate_robust, format_table
+from applications.adversarial.guard import RUN_KIND
 from applications.adversarial.seeds import Stream, mix_seed
+from applications.common import checkpoint as ckpt_lib
+from applications.common.cli import parse_args, run_command
+from applications.common.config import as_float
+from applications.common.errors import EXIT_USAGE
 
 __all__ = ["AA_ATTACKS", "AA_VERSIONS", "ATTACKS", "evaluate_checkpoint", "main", "resolve_checkpoint"]
 
@@ -68,10 +71,16 @@ def evaluate_checkpoint(path: Path, attacks: List[str], n: Optional[int] = None,
     """Evaluates the checkpoint at ``path``; returns the JSON-able results."""
     path = resolve_checkpoint(path)
     ck = ckpt_lib.load(path, map_location="cpu")
-    if "config" not in ck or "model" not in ck:
+    ckpt_lib.check_run_kind(ck, RUN_KIND, path)
+    if not isinstance(ck.get("config"), dict) or not isinstance(ck.get("model"), dict):
         raise ckpt_lib.CheckpointError(f"{path} has no stored config/model (not written by the trainer)")
     overrides = [] if data_path is None else [f"data.path={data_path}"]
-    cfg = load_config(None, overrides, base=ck["config"])
+    try:
+        cfg = load_config(None, overrides, base=ck["config"])
+    except ConfigError as exc:
+        if data_path is not None and any(p.startswith("data.path") for p in exc.problems):
+            raise
+        raise ckpt_lib.CheckpointError(f"{path} stores a config this version cannot use: {exc}") from None
     dev = resolve_device(device or cfg.device)
     if cfg.cpu_threads and dev.type == "cpu":
         torch.set_num_threads(cfg.cpu_threads)
@@ -79,7 +88,12 @@ def evaluate_checkpoint(path: Path, attacks: List[str], n: Optional[int] = None,
     data = load_run_data(cfg, dev, need_train=False)
     info = ck.get("data_info") or data.info
     model = build_run_model(cfg, info).to(dev)
-    model.load_state_dict(ck["model"])
+    try:
+        model.load_state_dict(ck["model"])
+    except RuntimeError as exc:  # missing / unexpected keys, size mismatches
+        first = next((line.strip() for line in str(exc).splitlines()[1:] if line.strip()), str(exc))
+        raise ckpt_lib.CheckpointError(f"{path}: the weights do not fit the model its stored config describes "
+                                       f"({cfg.model.name}: {first})") from None
     model.eval()
     eps = cfg.eps if eps is None else float(eps)
     n = cfg.eval.test_n if n is None else n
@@ -136,7 +150,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--data-path", type=str, default=None, help="where the test data is (replaces the stored path)")
     p.add_argument("--device", type=str, default=None, help="auto | cpu | cuda (default: the run's)")
     p.add_argument("--output", type=Path, default=None, help="JSON output path")
-    args = p.parse_args(argv)
+    args = parse_args(p, argv)
 
     problems = []
     attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
@@ -169,15 +183,15 @@ def main(argv: Optional[List[str]] = None) -> int:
             problems.append(f"--output: directory {parent} is not writable")
     if problems:
         print("error: " + "; ".join(problems), file=sys.stderr)
-        return EXIT_CONFIG
-    try:
-        out = evaluate_checkpoint(args.checkpoint, attacks, n=args.n, batch_size=args.batch_size, eps=eps,
-                                  data_path=args.data_path, device=args.device, pgd_steps=args.pgd_steps,
-                                  pgd_restarts=args.pgd_restarts, pgd_step_size=step, aa_version=args.aa_version,
-                                  log=lambda m: print(m, flush=True))
-    except (ConfigError, ckpt_lib.CheckpointError, DataError, DeviceError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        return EXIT_USAGE
+    return run_command(lambda hint: _evaluate(args, attacks, eps, step))
+
+
+def _evaluate(args: argparse.Namespace, attacks: List[str], eps: Optional[float], step: Optional[float]) -> int:
+    out = evaluate_checkpoint(args.checkpoint, attacks, n=args.n, batch_size=args.batch_size, eps=eps,
+                              data_path=args.data_path, device=args.device, pgd_steps=args.pgd_steps,
+                              pgd_restarts=args.pgd_restarts, pgd_step_size=step, aa_version=args.aa_version,
+                              log=lambda m: print(m, flush=True))
     ckpt = Path(out["checkpoint"])
     dest = args.output or ckpt.parent / f"eval_{ckpt.stem}.json"
     try:
@@ -185,7 +199,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except OSError as exc:
         print(json.dumps(out, indent=2))
         print(f"error: cannot write {dest} ({exc}); the results are printed above", file=sys.stderr)
-        return EXIT_CONFIG
+        return EXIT_USAGE
     print(f"written: {dest}")
     return 0
 

@@ -16,8 +16,9 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from applications.vision.data import ImageArrays
+
 from .attacks import Generator, ShardedGenerator, pgd_attack
-from .data import ImageArrays
 from .distributed import DistContext, reduce_sum
 from .seeds import mix_seed
 

@@ -2,21 +2,20 @@
 and optionally TensorBoard scalars.
 
 One record per validated epoch (keys :data:`METRIC_FIELDS`) goes to ``metrics.jsonl`` (every key) and
-``metrics.csv`` (those fields); both are rewritten whole from the history after each epoch, so they
-always agree with the last checkpoint. Every file is written to a temporary name and renamed. With
+``metrics.csv`` (those fields) through :func:`applications.common.atomic.write_metrics`; both are rewritten
+whole from the history after each epoch, so they always agree with the last checkpoint. Every file is
+written to a per-process temporary name and renamed. With
 ``output.tensorboard`` the same numbers go to :class:`TensorBoardScalars`.
 """
 
 from __future__ import annotations
 
-import csv
-import json
-import os
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional
 
-__all__ = ["METRIC_FIELDS", "RUN_FILES", "TENSORBOARD_DIR", "TensorBoardScalars", "write_json", "write_metrics",
-           "write_plot"]
+from applications.common.atomic import temporary_file
+
+__all__ = ["METRIC_FIELDS", "RUN_FILES", "TENSORBOARD_DIR", "TensorBoardScalars", "write_plot"]
 
 #: The columns of metrics.csv.
 METRIC_FIELDS = ("epoch", "step", "lr", "train_loss", "train_acc", "val_clean_acc", "val_robust_acc", "val_robust_n",
@@ -25,27 +24,6 @@ METRIC_FIELDS = ("epoch", "step", "lr", "train_loss", "train_acc", "val_clean_ac
 RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "metrics.csv", "plot.png", "results.json", "train.log")
 #: Sub-directory of a run that holds its TensorBoard event files.
 TENSORBOARD_DIR = "tensorboard"
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """``obj`` as indented JSON at ``path`` (atomic rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
-
-
-def write_metrics(run_dir: Path, history: List[Dict[str, Any]], fields: Sequence[str] = METRIC_FIELDS) -> None:
-    """metrics.jsonl and metrics.csv (columns ``fields``) rewritten from the history (atomic renames)."""
-    tmp = run_dir / ".metrics.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
-    os.replace(tmp, run_dir / "metrics.jsonl")
-    tmp = run_dir / ".metrics.csv.tmp"
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(fields), extrasaction="ignore")
-        w.writeheader()
-        for r in history:
-            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in fields})
-    os.replace(tmp, run_dir / "metrics.csv")
 
 
 def write_plot(path: Path, history: List[Dict[str, Any]], title: str) -> None:
@@ -75,10 +53,11 @@ def write_plot(path: Path, history: List[Dict[str, Any]], title: str) -> None:
     ax2.set_ylabel("train loss")
     ax2.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(".plot.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with temporary_file(path) as tmp:
+            fig.savefig(tmp, dpi=100)
+    finally:
+        plt.close(fig)
 
 
 class TensorBoardScalars:

@@ -7,16 +7,21 @@
 
 (also ``python -m applications.adversarial ...`` or ``python applications/adversarial/train.py ...``)
 
-Overrides are ``key.sub=value`` (YAML values; fractions such as ``method.eps=8/255`` work). With
-``--resume RUN_DIR`` the run's stored config is the base (``--config`` and overrides may change
-anything but the model, the dataset and the method/eps, which must match the checkpoint; e.g.
-``train.epochs=30`` extends a run, and the cyclic schedule is then recomputed over the new length).
-``train.batch_size`` is the global batch, split evenly over torchrun's processes.
+Overrides are ``key.sub=value`` (YAML values; fractions such as ``method.eps=8/255`` work), before or
+after the options. With ``--resume RUN_DIR`` the config stored in the run's last.pt is the base
+(``--config`` and overrides may change anything but the seed, the model, the dataset and its split, and
+the method/eps, which define the run; e.g. ``train.epochs=30`` extends a run, and the cyclic schedule is
+then recomputed over the new length). Every change is recorded (``config_changes`` in last.pt and
+results.json, and a note in train.log). A hand edit of the run's config.yaml is refused, not ignored:
+pass the change as an override. ``train.batch_size`` is the global batch, split evenly over torchrun's
+processes. One process at a time holds a run directory; a second one exits 2 naming the first's pid.
 
-Exit codes: 0 done; 2 invalid configuration, unusable run directory or checkpoint, unreadable data
-(the message names the file), an output folder that cannot be written (full, read-only), an
+Exit codes: 0 done; 2 invalid configuration, unusable or busy run directory or checkpoint, unreadable
+data (the message names the file), an output folder that cannot be written (full, read-only), an
 unavailable device; 3 training diverged (a NaN/Inf or exploding loss, or exploding weights; the
-diverged epoch is not saved, the last good checkpoint is kept). Errors are one line on stderr.
+diverged epoch is not saved, the last good checkpoint is kept); 130 / 143 interrupted by SIGINT
+(Ctrl-C) / SIGTERM (the last checkpoint is kept, and one line says how to resume). Errors are one line
+on stderr.
 """
 
 from __future__ import annotations
@@ -28,18 +33,12 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from applications.adversarial.checkpoint import CheckpointError, load
-from applications.adversarial.config import EXIT_CONFIG, QUICKSTART, ConfigError, load_config, read_yaml
-from applications.adversarial.data import DataError
-from applications.adversarial.distributed import DeviceError
-from applications.adversarial.trainer import (
-    EXIT_DIVERGED,
-    ConsoleHandler,
-    RunDirError,
-    TrainingDiverged,
-    resumable_checkpoint,
-    train,
-)
+from applications.adversarial.config import QUICKSTART, load_config
+from applications.adversarial.guard import stored_config
+from applications.adversarial.trainer import ConsoleHandler, train
+from applications.common.cli import ResumeHint, parse_args, run_command
+from applications.common.errors import UserError
+from applications.common.yamlfile import read_yaml
 
 __all__ = ["build_parser", "log_to_console", "main"]
 
@@ -66,32 +65,32 @@ def log_to_console() -> None:
         log.setLevel(logging.INFO)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    """The train command; returns its exit status."""
-    args = build_parser().parse_args(argv)
-    log_to_console()
+def _train(args: argparse.Namespace, hint: ResumeHint) -> int:
+    progress = False if args.no_progress else None
     try:
         if args.resume is not None:
-            base = load(resumable_checkpoint(args.resume))["config"]
+            base = stored_config(args.resume)
             if args.config is not None:
                 base = read_yaml(args.config)
             cfg = load_config(None, args.overrides, base=base)
-            results = train(cfg, run_dir=args.resume, resume=True, progress=False if args.no_progress else None)
+            run_dir = Path(args.resume)
         else:
             cfg = load_config(args.config or QUICKSTART, args.overrides)
-            results = train(cfg, progress=False if args.no_progress else None)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    except (RunDirError, CheckpointError, DataError, DeviceError, ImportError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    except TrainingDiverged as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_DIVERGED
+            run_dir = Path(cfg.output.dir) / cfg.run_name()
+        hint.command, hint.checkpoint = f"bilevel-train --resume {run_dir}", run_dir / "last.pt"
+        results = train(cfg, run_dir=run_dir, resume=args.resume is not None, progress=progress)
+    except ImportError as exc:  # an optional package the config asks for
+        raise UserError(str(exc)) from None
     if os.environ.get("RANK", "0") == "0":
         print(f"results: {Path(results['run_dir']) / 'results.json'}")
     return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """The train command; returns its exit status (see the module docstring)."""
+    args = parse_args(build_parser(), argv)
+    log_to_console()
+    return run_command(lambda hint: _train(args, hint))
 
 
 if __name__ == "__main__":

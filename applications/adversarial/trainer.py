@@ -9,7 +9,7 @@ Each optimizer step solves the upper problem of the method's bi-level program on
 
 where ``method.loss(model, x, y)`` builds :math:`\delta^\star(\theta)` (with whatever derivative the
 method keeps, e.g. Fast-BAT's implicit term) and ``loss.backward()`` yields the full gradient. Batches
-come from a :class:`~applications.adversarial.data.DeviceLoader` over the uint8 training split held on
+come from a :class:`~applications.vision.data.DeviceLoader` over the uint8 training split held on
 the device; losses and accuracies stay in device tensors and are read once per epoch (the non-finite
 check reads one scalar every ``train.nan_check_every`` steps).
 
@@ -36,7 +36,6 @@ import functools
 import importlib.util
 import itertools
 import logging
-import math
 import random
 import shutil
 import sys
@@ -49,16 +48,29 @@ import torch
 import yaml
 from torch import Tensor, nn
 
-from . import checkpoint as ckpt_lib
+from applications.common import checkpoint as ckpt_lib
+from applications.common.atomic import remove_stale_temporaries, write_json, write_metrics, write_text
+from applications.common.checkpoint import RUN_KIND_KEY
+from applications.common.errors import EXIT_DIVERGED
+from applications.common.rundir import RunDirError, RunLock
+from applications.vision.data import Augment, DeviceLoader
+
 from . import distributed as dist_lib
 from .attacks import ShardedGenerator
 from .build import build_run_model, load_run_data
 from .config import Config, ConfigError, config_to_dict
-from .data import Augment, DeviceLoader
 from .evaluation import autoattack_accuracy, evaluate_attack_gap, evaluate_clean, evaluate_robust, format_table
+from .guard import (
+    RUN_KIND,
+    TrainingDiverged,
+    check_config_file,
+    divergence_reason,
+    resumable_checkpoint,
+    resume_changes,
+)
 from .methods import build_method
 from .overfitting import CatastrophicOverfitting
-from .records import RUN_FILES, TENSORBOARD_DIR, TensorBoardScalars, write_json, write_metrics, write_plot
+from .records import METRIC_FIELDS, RUN_FILES, TENSORBOARD_DIR, TensorBoardScalars, write_plot
 from .schedule import learning_rate
 from .seeds import Stream, mix_seed
 
@@ -73,55 +85,10 @@ __all__ = [
     "train",
 ]
 
-#: Exit status of the train command when the loss diverged.
-EXIT_DIVERGED = 3
 #: Version of the checkpoint layout written by :class:`Trainer`.
 CHECKPOINT_FORMAT = 1
 
 logger = logging.getLogger(__name__)
-
-
-class TrainingDiverged(RuntimeError):
-    """Training diverged at ``epoch`` (1-based); nothing of that epoch was saved. ``last_good`` is the
-    checkpoint left intact (None before the first one). A non-finite loss is located at step
-    ``step_in_epoch`` of the epoch, global optimizer step ``step`` (1-based); a finite blow-up (``reason``:
-    a loss far above its running level, or huge weights) is found at the end of the epoch."""
-
-    def __init__(self, epoch: int, step_in_epoch: Optional[int], step: Optional[int], last_good: Optional[Path],
-                 reason: Optional[str] = None, run_dir: Optional[Path] = None) -> None:
-        self.epoch, self.step_in_epoch, self.step, self.last_good = epoch, step_in_epoch, step, last_good
-        if reason is None:
-            head = (f"training diverged: non-finite loss at epoch {epoch}, step {step_in_epoch} (global step {step}); "
-                    "stopped without saving")
-        else:
-            head = f"training diverged at epoch {epoch}: {reason}; the epoch was not saved"
-        if last_good is not None:
-            where = (f"last good checkpoint: {last_good} (epoch {epoch - 1}). Continue from it with a lower learning "
-                     f"rate: --resume {run_dir or last_good.parent} train.lr_max=<smaller>, or check the data")
-        else:
-            where = "no checkpoint yet (diverged in the first epoch). Lower train.lr_max or check the data"
-        super().__init__(f"{head}; {where}.")
-
-
-class RunDirError(RuntimeError):
-    """The run directory cannot be used (holds a checkpoint of another run, lacks one to resume, or
-    cannot be written)."""
-
-
-def resumable_checkpoint(run_dir: Path) -> Path:
-    """``run_dir/last.pt``, the checkpoint ``--resume`` continues from.
-
-    Raises:
-        RunDirError: it does not exist (saying whether the run was stopped before its first checkpoint).
-    """
-    last = Path(run_dir) / "last.pt"
-    if last.is_file():
-        return last
-    if Path(run_dir).is_dir() and any((Path(run_dir) / n).exists() for n in ("config.yaml", "train.log", "best.pt")):
-        raise RunDirError(f"cannot resume: {last} does not exist (the run was stopped before its first checkpoint "
-                          f"was complete); start it again without --resume (with output.overwrite=true if "
-                          f"{Path(run_dir) / 'best.pt'} exists)")
-    raise RunDirError(f"cannot resume: {last} does not exist")
 
 
 class ConsoleHandler(logging.Handler):
@@ -175,7 +142,10 @@ class Trainer:
             raise ConfigError([f"train.batch_size={t.batch_size} (the global batch) must be divisible by the "
                                f"number of processes {ctx.world_size}"])
         # checked here, not in the config: a stored config that asks for it must still load for evaluation
-        if cfg.eval.autoattack_n is not None and importlib.util.find_spec("pyautoattack") is None:
+        if cfg.eval.autoattack_n is not None and not cfg.eval.final_test:
+            self.notes.append(f"eval.autoattack_n={cfg.eval.autoattack_n} not run: AutoAttack attacks the final test's "
+                              "best checkpoint, and eval.final_test=false")
+        if cfg.eval.autoattack_runs and importlib.util.find_spec("pyautoattack") is None:
             raise ConfigError(['eval.autoattack_n: needs the pyautoattack package: pip install "bilevel[autoattack]"'])
 
     # ----------------------------------------------------------------------------------- logging
@@ -202,7 +172,12 @@ class Trainer:
             raise RunDirError(error)
 
     def _check_run_dir(self) -> None:
-        """Before anything is loaded: the directory can hold this run. Nothing is written."""
+        """Before anything is loaded: the directory is this process's alone (:class:`RunLock`: a second run
+        on it stops here, naming the first one's pid) and can hold this run. Nothing else is written."""
+        assert self.lock is not None
+        self.lock.acquire()
+        if self.lock.took_over is not None:
+            self.notes.append(f"took over the lock of process {self.lock.took_over}, which no longer runs")
         last, best = self.run_dir / "last.pt", self.run_dir / "best.pt"
         if self.resume:
             resumable_checkpoint(self.run_dir)
@@ -225,9 +200,9 @@ class Trainer:
                 p.unlink()
             shutil.rmtree(self.run_dir / TENSORBOARD_DIR, ignore_errors=True)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        for p in ckpt_lib.remove_stale_temporaries(self.run_dir):
+        for p in remove_stale_temporaries(self.run_dir):
             self.notes.append(f"removed {p.name}, left by a write that was killed")
-        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False))
+        write_text(self.run_dir / "config.yaml", yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False))
 
     def _setup(self) -> None:
         cfg, ctx = self.cfg, self.ctx
@@ -278,12 +253,25 @@ class Trainer:
         self.co_stop = False
         self.wall_before = 0.0  # wall time of the processes before this one (resumed runs)
         self._resumed_from: Optional[Path] = None
+        self.config_changes: List[Dict[str, Any]] = []  # the resumes that changed the config
         self._rewrite_best = False
 
     def _load_resume(self) -> None:
         path = self.run_dir / "last.pt"
         ck = ckpt_lib.load(path, map_location="cpu")
-        ckpt_lib.check_compatible(ck.get("config", {}), config_to_dict(self.cfg))
+        ckpt_lib.check_run_kind(ck, RUN_KIND, path)
+        stored = ck.get("config")
+        if not isinstance(stored, dict):
+            raise ckpt_lib.CheckpointError(f"{path} stores no config; it cannot be resumed")
+        new = config_to_dict(self.cfg)
+        check_config_file(self.run_dir, stored, new)
+        change = resume_changes(stored, new, int(ck.get("epoch", 0)), self.run_dir)
+        self.config_changes = [dict(c) for c in ck.get("config_changes", [])]
+        if change["changes"]:
+            self.config_changes.append(change)
+            self.notes.append(f"resumed after epoch {change['after_epoch']} with a changed config (recorded in last.pt and "
+                              "results.json): " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in
+                                                            change["changes"].items()))
         if ck.get("format") != CHECKPOINT_FORMAT or ck.get("kind") != "last":
             raise ckpt_lib.CheckpointError(f"{path} is not a resumable last-checkpoint of this trainer")
         saved_info = ck.get("data_info") or {}
@@ -353,19 +341,19 @@ class Trainer:
 
     def _save_last(self, rng: List[Dict[str, Any]]) -> None:
         ckpt_lib.save_atomic({
-            "format": CHECKPOINT_FORMAT, "kind": "last", "config": config_to_dict(self.cfg),
+            "format": CHECKPOINT_FORMAT, "kind": "last", RUN_KIND_KEY: RUN_KIND, "config": config_to_dict(self.cfg),
             "data_info": self.data.info, "epoch": self.epoch, "step": self.step, "total_steps": self.total_steps,
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "best_val_robust_acc": self.best_val_robust, "best_epoch": self.best_epoch,
             "co": self.co.state_dict() if self.co is not None else None, "co_stop": self.co_stop,
-            "history": self.history, "rng": rng, "world_size": self.ctx.world_size,
+            "history": self.history, "config_changes": self.config_changes, "rng": rng, "world_size": self.ctx.world_size,
             "wall_time_s": self.wall_before + time.perf_counter() - self.wall0,
         }, self.run_dir / "last.pt")
 
     def _save_best(self, record: Dict[str, Any]) -> None:
         ckpt_lib.save_atomic({
-            "format": CHECKPOINT_FORMAT, "kind": "best", "config": config_to_dict(self.cfg),
+            "format": CHECKPOINT_FORMAT, "kind": "best", RUN_KIND_KEY: RUN_KIND, "config": config_to_dict(self.cfg),
             "data_info": self.data.info, "epoch": self.epoch, "step": self.step, "model": self.model.state_dict(),
             "val_clean_acc": record["val_clean_acc"], "val_robust_acc": record["val_robust_acc"],
             "val_score": self.best_val_robust,
@@ -374,7 +362,7 @@ class Trainer:
     def _write_epoch(self, record: Dict[str, Any], rng: List[Dict[str, Any]]) -> None:
         """Rank 0: the epoch's metrics, plot, scalars, last.pt and (a best epoch) best.pt."""
         cfg = self.cfg
-        write_metrics(self.run_dir, self.history)
+        write_metrics(self.run_dir, self.history, METRIC_FIELDS)
         write_plot(self.run_dir / "plot.png", self.history, f"{cfg.method.name} / {cfg.model.name} / "
                     f"{cfg.data.name}, eps {cfg.eps:.4g}")
         if self.scalars is not None:
@@ -490,6 +478,14 @@ class Trainer:
         Nothing is written before the data is loaded, the model built and the checkpoint to resume
         accepted; only then is an overwritten run cleared and config.yaml written."""
         self.wall0 = time.perf_counter()
+        self.lock = RunLock(self.run_dir) if self.ctx.is_main else None
+        try:
+            return self._locked_run()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+
+    def _locked_run(self) -> Dict[str, Any]:
         self._on_main(self._check_run_dir)
         self._setup()
         if self.resume:
@@ -524,22 +520,11 @@ class Trainer:
                     "step(s) are done; raise train.epochs (or train.max_steps) to extend the run")
         return None
 
-    def _check_divergence(self, stats: Dict[str, Any]) -> None:
-        """A finite blow-up, before anything of the epoch is saved: a train loss more than
-        ``train.divergence_factor`` times its running level max(ln K, the lowest loss of the earlier
-        epochs), or a weight of magnitude above ``train.max_weight`` (or non-finite)."""
+    def _check_divergence(self, loss: float) -> None:
+        """A finite blow-up (:func:`~.guard.divergence_reason`), before anything of the epoch is saved."""
         t = self.cfg.train
-        reason = None
-        floor = math.log(max(int(self.data.info["num_classes"]), 2))  # the loss of a uniform guess
-        level = max(floor, min((r["train_loss"] for r in self.history), default=floor))
-        loss = stats["train_loss"]
-        if not math.isfinite(loss) or loss > t.divergence_factor * level:
-            reason = (f"train loss {loss:.3g} is more than train.divergence_factor={t.divergence_factor:g} times its "
-                      f"running level {level:.3g}")
-        else:
-            biggest = float(torch.stack([p.detach().abs().max() for p in self.params]).max())
-            if not biggest <= t.max_weight:
-                reason = f"a weight reached {biggest:.3g} (train.max_weight={t.max_weight:g})"
+        reason = divergence_reason(loss, self.history, self.params, int(self.data.info["num_classes"]),
+                                   t.divergence_factor, t.max_weight)
         if reason is not None:
             last = self.run_dir / "last.pt"
             raise TrainingDiverged(self.epoch + 1, None, None, last if last.is_file() else None, reason=reason,
@@ -548,7 +533,7 @@ class Trainer:
     def _run(self) -> Dict[str, Any]:
         cfg, ctx = self.cfg, self.ctx
         if self.resume and ctx.is_main:  # metrics files follow the checkpoint (a crash may have left a newer line)
-            write_metrics(self.run_dir, self.history)
+            write_metrics(self.run_dir, self.history, METRIC_FIELDS)
             if self._rewrite_best:
                 self._save_best(self.history[-1])
         if self._resumed_from is not None:
@@ -573,7 +558,7 @@ class Trainer:
                 break
             t0 = time.perf_counter()
             stats = self._train_epoch()
-            self._check_divergence(stats)
+            self._check_divergence(stats["train_loss"])
             t1 = time.perf_counter()
             val = self._validate()
             t2 = time.perf_counter()
@@ -669,11 +654,12 @@ class Trainer:
             "catastrophic_overfitting": (None if self.co is None else
                                          {"detected": self.co.detected, "epoch": self.co.epoch,
                                           "message": self.co.message()}),
-            "stopped_early": self.co_stop, "train_time_s": train_time, "wall_time_s": wall,
+            "stopped_early": self.co_stop, "config_changes": self.config_changes, "train_time_s": train_time,
+            "wall_time_s": wall,
         }
         if ctx.is_main:
             write_json(self.run_dir / "results.json", results)
-            if cfg.eval.final_test and cfg.eval.autoattack_n is not None:
+            if cfg.eval.autoattack_runs:
                 if "best" in test and best_model is not None:
                     self._autoattack(best_model, test["best"])
                     write_json(self.run_dir / "results.json", results)

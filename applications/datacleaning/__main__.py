@@ -1,54 +1,76 @@
-"""``python -m applications.datacleaning [--config FILE] [--results FILE] [key.sub=value ...]``.
+"""``bilevel-datacleaning [--config FILE] [--results FILE] [--no-progress] [key.sub=value ...]``.
 
 Runs the configured methods and the two baselines on the data-cleaning problem (default
 :data:`~.config.DEFAULT_CONFIG`: MNIST 5k, p = 0.5, the linear model, every method) and prints the table.
-``--results X.json`` also writes ``results.json`` to ``X.json`` and the plot to ``X.png`` (e.g. under
-``benchmarks/results/``). Exit status 2 on an
-invalid configuration or an incompatible checkpoint.
+Options and ``key.sub=value`` overrides may come in any order. ``--results X.json`` also writes
+``results.json`` to ``X.json`` and the plot to ``X.png`` (e.g. under ``benchmarks/results/``). Running
+the same command again resumes the run (a method whose options changed is trained again).
+
+Exit codes: 0 done; 2 invalid configuration or ``--results`` path, a run directory in use by another
+process or that cannot be written, a checkpoint of another problem or application, data that cannot be
+read or is too small; 3 a method diverged (its last evaluation is kept); 130 / 143 interrupted by
+SIGINT / SIGTERM (the last checkpoint is kept; the same command resumes). Errors are one line on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import shutil
 import sys
 from pathlib import Path
 from typing import List, Optional
 
-from applications.adversarial.checkpoint import CheckpointError
-from applications.adversarial.config import EXIT_CONFIG
-from applications.adversarial.records import write_json
+from applications.common.atomic import write_json
+from applications.common.cli import ResumeHint, parse_args, run_command
+from applications.common.config import ConfigError
 
-from .config import ConfigError, load_config
+from .config import load_config
+
+__all__ = ["main"]
+
+
+def _check_results_path(results: Optional[str]) -> None:
+    """``--results`` must name a file that can be written: checked before the run, not after it."""
+    if results is None:
+        return
+    path = Path(results)
+    if path.is_dir():
+        raise ConfigError([f"--results: {path} is a directory; name a file such as {path / 'results.json'}"])
+    parent = path.parent if str(path.parent) else Path(".")
+    existing = next((p for p in (parent, *parent.parents) if p.exists()), Path("."))
+    if not existing.is_dir():
+        raise ConfigError([f"--results: {existing} is a file, so {path} cannot be created"])
+
+
+def _run(args: argparse.Namespace, argv: List[str], hint: ResumeHint) -> int:
+    _check_results_path(args.results)
+    cfg = load_config(args.config, args.overrides)
+    from .experiment import run_experiment
+
+    run_dir = Path(cfg.output.dir) / cfg.run_name()
+    hint.command = shlex.join(["bilevel-datacleaning", *(a for a in argv if a != "output.overwrite=true")])
+    hint.checkpoint = run_dir / "state.pt"
+    results = run_experiment(cfg, progress=not args.no_progress)
+    if args.results:
+        path = Path(args.results)
+        write_json(path, results)
+        plot = run_dir / "plot.png"
+        if plot.is_file():
+            shutil.copyfile(plot, path.with_suffix(".png"))
+    return 0
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m applications.datacleaning", description=__doc__.split("\n\n")[1])
+    """The command; returns its exit status (see the module docstring)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="bilevel-datacleaning", description=__doc__.split("\n\n")[1])
     parser.add_argument("--config", help="YAML run configuration (default: configs/mnist_linear.yaml)")
     parser.add_argument("--results", help="also write the results JSON to this path (and the plot next to it, .png)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.steps=100 methods=[amigo]")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    from .experiment import run_experiment
-
-    try:
-        results = run_experiment(cfg, progress=not args.no_progress)
-    except CheckpointError as exc:
-        print(f"error: {exc} (set output.overwrite=true to start afresh)", file=sys.stderr)
-        return EXIT_CONFIG
-    if args.results:
-        path = Path(args.results)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_json(path, results)
-        plot = Path(cfg.output.dir) / cfg.run_name() / "plot.png"
-        if plot.is_file():
-            shutil.copyfile(plot, path.with_suffix(".png"))
-    return 0
+    args = parse_args(parser, argv)
+    return run_command(lambda hint: _run(args, argv, hint))
 
 
 if __name__ == "__main__":

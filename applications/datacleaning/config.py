@@ -1,8 +1,8 @@
 """The data-cleaning run's configuration: pydantic models of the YAML, ``key=value`` overrides, one error.
 
-Shares the adversarial app's conventions and helpers (:class:`~applications.adversarial.config.ConfigError`
-listing every problem with its key path, did-you-mean suggestions, overrides parsed by YAML, a method's
-options typed by its dataclass). Sections::
+Built on the shared layer (:mod:`applications.common`): one :class:`~applications.common.config.ConfigError`
+listing every problem with its key path (the first 20 and a count), did-you-mean suggestions, a YAML file
+without repeated keys, overrides parsed by YAML, a method's options typed by its dataclass. Sections::
 
     seed: 0                       # corruption, initialization and every sampler derive from it
     device: cpu                   # cpu | cuda | cuda:N
@@ -24,17 +24,10 @@ import copy
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Sequence, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, field_validator
+from pydantic import Field, StrictBool, StrictInt, StrictStr, ValidationError, field_validator
 
-from applications.adversarial.config import (
-    ConfigError,
-    Real,
-    apply_overrides,
-    check_options,
-    describe_error,
-    did_you_mean,
-    read_yaml,
-)
+from applications.common.config import ConfigError, Real, Section, check_options, describe_errors, did_you_mean
+from applications.common.yamlfile import apply_overrides, read_yaml
 
 from .methods import METHODS, build_method
 from .weighting import SampleLogits, Weighting, WeightNet
@@ -47,11 +40,7 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "mnist_linear.yaml"
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class DataConfig(_Section):
+class DataConfig(Section):
     """``name``: mnist5k (embedded, offline) or cifar10 (``path``: the image-folder tree or archive);
     splits of the loader's training images: ``n_train`` then ``n_val``; ``n_test`` test images; ``p``: the
     fraction of corrupted training labels; ``limit_per_class``: images per class read from an image folder."""
@@ -65,7 +54,7 @@ class DataConfig(_Section):
     limit_per_class: Optional[StrictInt] = Field(None, gt=0)
 
 
-class ModelConfig(_Section):
+class ModelConfig(Section):
     """``name``: linear (multinomial logistic regression) or small_cnn; ``weight_decay``: mu of the lower
     problem; ``options``: the small CNN's ``width``, ``hidden``, ``pool_size``."""
 
@@ -74,7 +63,7 @@ class ModelConfig(_Section):
     options: Dict[str, StrictInt] = Field(default_factory=dict)
 
 
-class WeightingConfig(_Section):
+class WeightingConfig(Section):
     """``name``: logits (one weight logit per training sample) or network (Meta-Weight-Net: an MLP
     1 -> ``hidden`` -> 1 of the sample's detached loss; ``train.outer_lr`` is then its plain SGD step;
     ``hidden`` is unused by the logits)."""
@@ -86,7 +75,7 @@ class WeightingConfig(_Section):
         return SampleLogits() if self.name == "logits" else WeightNet(self.hidden)
 
 
-class TrainConfig(_Section):
+class TrainConfig(Section):
     """``steps`` outer steps per method (or until ``time_budget_s`` seconds of training), evaluated every
     ``eval_every``; mini-batches of ``batch_size`` training and ``val_batch_size`` validation samples;
     ``outer_lr``: SGD's step on the weight logits per sample (the optimizer's lr is ``outer_lr * n_train``,
@@ -105,7 +94,7 @@ class TrainConfig(_Section):
     baseline_momentum: Real = Field(0.9, ge=0)
 
 
-class MethodEntry(_Section):
+class MethodEntry(Section):
     """A method ``name`` and its options (written flat next to the name; a bare string is the name)."""
 
     name: StrictStr
@@ -120,7 +109,7 @@ def _entry(raw: Any) -> Any:
     return raw
 
 
-class OutputConfig(_Section):
+class OutputConfig(Section):
     """Run directory ``dir/name`` (name default: ``<data>_<model>_p<p>_seed<seed>``); ``overwrite``: start
     afresh in a directory that holds a previous run (otherwise the run resumes: finished methods are kept)."""
 
@@ -129,7 +118,7 @@ class OutputConfig(_Section):
     overwrite: StrictBool = False
 
 
-class Config(_Section):
+class Config(Section):
     """A whole run."""
 
     seed: StrictInt = Field(0, ge=0)
@@ -180,6 +169,19 @@ def _method_problems(cfg: Config, problems: List[str]) -> None:
         problems.append(f"methods: {name!r} is listed more than once")
 
 
+def _device_problems(device: str, problems: List[str]) -> None:
+    """``device`` must exist on this machine (checked here: nothing is loaded before it is known to)."""
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        problems.append(f"device: {device!r} asked for, but CUDA is not available on this machine; use device=cpu")
+    elif ":" in device and int(device.split(":")[1]) >= torch.cuda.device_count():
+        problems.append(f"device: {device!r} asked for, but this machine has {torch.cuda.device_count()} CUDA "
+                        "device(s)")
+
+
 def config_from_dict(raw: Any) -> Config:
     """A validated :class:`Config` from the YAML mapping; one :class:`ConfigError` listing every problem."""
     raw = copy.deepcopy(raw) if raw is not None else {}
@@ -188,13 +190,16 @@ def config_from_dict(raw: Any) -> Config:
     try:
         cfg = Config.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError([describe_error(e, Config) for e in exc.errors()]) from None
+        raise ConfigError(*describe_errors(exc.errors(), Config)) from None
     problems: List[str] = []
     _method_problems(cfg, problems)
     if cfg.data.name == "cifar10" and not cfg.data.path:
         problems.append("data.path: dataset 'cifar10' needs a path (the image-folder tree or archive)")
     elif cfg.data.path and not Path(cfg.data.path).expanduser().exists():
         problems.append(f"data.path: {cfg.data.path!r} does not exist")
+    if not cfg.methods:
+        problems.append(f"methods: the list is empty; name at least one of {', '.join(METHODS)}")
+    _device_problems(cfg.device, problems)
     if cfg.model.name == "linear" and cfg.model.options:
         problems.append(f"model.options: the linear model takes no options, got {sorted(cfg.model.options)}")
     unknown = set(cfg.model.options) - {"width", "hidden", "pool_size"}

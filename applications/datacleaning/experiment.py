@@ -1,11 +1,15 @@
 """A whole data-cleaning run: the data, the baselines, every configured method side by side, the records.
 
-The run directory ``output.dir/<name>`` receives ``state.pt`` (the checkpoint: the config, the baselines
-and each method's :meth:`~.runner.MethodRun.state_dict`, rewritten atomically at every evaluation),
-``metrics.jsonl`` / ``metrics.csv`` (every evaluation of every method), ``plot.png`` and
-``results.json``. Re-running the same config in the same directory resumes: finished methods are kept,
-an interrupted one continues from its last evaluation with its samplers' state (``output.overwrite``
-starts afresh; a checkpoint of another problem is refused).
+The run directory ``output.dir/<name>`` (held by one process at a time: a second run on it exits 2 naming
+the first's pid) receives ``state.pt`` (the checkpoint: the config, the baselines and each method's
+:meth:`~.runner.MethodRun.state_dict`, rewritten atomically at every evaluation), ``metrics.jsonl`` /
+``metrics.csv`` (every evaluation of every method), ``plot.png`` and ``results.json``. Re-running in the
+same directory resumes: finished methods are kept, an interrupted one continues from its last
+evaluation with its samplers' state (``output.overwrite`` starts afresh). A checkpoint of another
+problem (:data:`PROBLEM_KEYS`) or of another application is refused. Nothing is reported under options
+it did not run with: each method's run is stored with the options that produced it
+(:func:`method_options`), and a method whose options changed, or whose steps exceed the new
+``train.steps``, is trained again (said in the output); so are the baselines when theirs changed.
 """
 
 from __future__ import annotations
@@ -18,10 +22,19 @@ from typing import Any, Callable, Dict, Optional
 
 import torch
 
-from applications.adversarial.checkpoint import check_compatible, load, save_atomic
-from applications.adversarial.records import write_json, write_metrics
+from applications.common.atomic import remove_stale_temporaries, write_json, write_metrics
+from applications.common.checkpoint import (
+    RUN_KIND_KEY,
+    CheckpointError,
+    check_compatible,
+    check_run_kind,
+    differences,
+    load,
+    save_atomic,
+)
+from applications.common.rundir import RunLock
 
-from .config import Config
+from .config import Config, MethodEntry
 from .data import load_cleaning_data
 from .methods import Context, build_method
 from .models import build_model
@@ -29,12 +42,14 @@ from .problem import DataCleaning
 from .report import METRIC_FIELDS, format_table, summary_row, write_plot
 from .runner import MethodRun, train_fixed_weights
 
-__all__ = ["RUN_FILES", "run_experiment"]
+__all__ = ["PROBLEM_KEYS", "RUN_FILES", "RUN_KIND", "baseline_options", "method_options", "run_experiment"]
 
 #: The files of a run directory (removed first by ``output.overwrite``).
 RUN_FILES = ("state.pt", "metrics.jsonl", "metrics.csv", "plot.png", "results.json")
+#: The run kind in this application's checkpoints (:data:`applications.common.checkpoint.RUN_KINDS`).
+RUN_KIND = "datacleaning"
 #: Config keys that must match to resume (with everything under ``model``).
-_PROBLEM_KEYS = ("seed", "weighting.name", "weighting.hidden", "data.name", "data.n_train", "data.n_val",
+PROBLEM_KEYS = ("seed", "weighting.name", "weighting.hidden", "data.name", "data.n_train", "data.n_val",
                  "data.n_test", "data.p", "train.batch_size", "train.val_batch_size")
 
 
@@ -57,8 +72,67 @@ def _baselines(cfg: Config, problem: DataCleaning, theta0: Dict[str, torch.Tenso
     return out
 
 
+def method_options(cfg: Config, entry: MethodEntry) -> Dict[str, Any]:
+    """Everything besides the problem that a method's numbers depend on: its options, and the outer
+    learning rate and initial logit (the method's ``outer_lr`` option wins over ``train.outer_lr``)."""
+    return {"options": dict(entry.options), "outer_lr": cfg.train.outer_lr, "w0": cfg.train.w0}
+
+
+def baseline_options(cfg: Config) -> Dict[str, Any]:
+    """What the baselines' numbers depend on besides the problem."""
+    t = cfg.train
+    return {"steps": t.baseline_steps, "lr": t.baseline_lr, "momentum": t.baseline_momentum}
+
+
+def _changes(old: Any, new: Any) -> str:
+    return ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in differences(old, new, missing=None))
+
+
+def _resume(cfg: Config, state_path: Path, saved: Dict[str, Any], log: Callable[[str], None]) -> None:
+    """Fills ``saved`` from the checkpoint at ``state_path``, keeping only what the new config would produce."""
+    previous = load(state_path)
+    check_run_kind(previous, RUN_KIND, state_path)
+    old_cfg = previous.get("config")
+    if not isinstance(old_cfg, dict):
+        raise CheckpointError(f"{state_path} stores no config; set output.overwrite=true to start afresh")
+    check_compatible(old_cfg, cfg.to_dict(), extra_keys=PROBLEM_KEYS,
+                     fix="set output.overwrite=true to start afresh, or choose another output.name")
+    old_train = old_cfg.get("train", {})
+    stored = previous.get("options") or {  # checkpoints written before the options were stored: the config's
+        m["name"]: {"options": {k: v for k, v in m.items() if k != "name"}, "outer_lr": old_train.get("outer_lr"),
+                    "w0": old_train.get("w0")} for m in old_cfg.get("methods", [])}
+    old_baselines = previous.get("baseline_options") or {
+        "steps": old_train.get("baseline_steps"), "lr": old_train.get("baseline_lr"),
+        "momentum": old_train.get("baseline_momentum")}
+    if previous.get("baselines") is not None:
+        if differences(old_baselines, baseline_options(cfg)):
+            log(f"baselines: options changed ({_changes(old_baselines, baseline_options(cfg))}): run again")
+        else:
+            saved["baselines"] = previous["baselines"]
+    for name, run_state in previous.get("runs", {}).items():
+        entry = next((e for e in cfg.methods if e.name == name), None)
+        if entry is None:
+            continue  # not in this run's config: not reported, so not kept under its options
+        if name not in stored or differences(stored[name], method_options(cfg, entry)):
+            log(f"{name}: options changed ({_changes(stored.get(name, {}), method_options(cfg, entry))}): "
+                "trained again")
+        elif run_state["step"] > cfg.train.steps:
+            log(f"{name}: the checkpoint is at step {run_state['step']}, past train.steps={cfg.train.steps}: "
+                "trained again")
+        else:
+            saved["runs"][name] = run_state
+            saved["options"][name] = stored[name]
+
+
 def run_experiment(cfg: Config, *, log: Callable[[str], None] = print, progress: bool = True) -> Dict[str, Any]:
-    """Runs (or resumes) the configured methods and baselines; returns the results (also in results.json)."""
+    """Runs (or resumes) the configured methods and baselines; returns the results (also in results.json).
+
+    Raises:
+        RunDirBusy: another process runs in the same directory.
+        CheckpointError: the directory's state.pt is of another problem or application.
+        MethodDiverged: a method's validation loss became non-finite.
+        OSError: a file cannot be written (full disk, read-only directory).
+    """
     if cfg.cpu_threads is not None:
         torch.set_num_threads(cfg.cpu_threads)
     device = torch.device(cfg.device)
@@ -69,17 +143,28 @@ def run_experiment(cfg: Config, *, log: Callable[[str], None] = print, progress:
                                 **cfg.model.options)
     theta0 = {k: v.to(device) for k, v in theta0.items()}
     problem = DataCleaning(data, model, cfg.model.weight_decay, cfg.weighting.build())
+    if cfg.train.eval_every > cfg.train.steps:
+        log(f"note: train.eval_every={cfg.train.eval_every} is more than train.steps={cfg.train.steps}: each method "
+            "is evaluated at its start and its end only")
     run_dir = Path(cfg.output.dir) / cfg.run_name()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    with RunLock(run_dir) as lock:
+        if lock.took_over is not None:
+            log(f"note: took over the lock of process {lock.took_over}, which no longer runs")
+        for p in remove_stale_temporaries(run_dir):
+            log(f"note: removed {p.name}, left by a write that was killed")
+        return _run(cfg, problem, theta0, run_dir, log, progress)
+
+
+def _run(cfg: Config, problem: DataCleaning, theta0: Dict[str, torch.Tensor], run_dir: Path,
+         log: Callable[[str], None], progress: bool) -> Dict[str, Any]:
     state_path = run_dir / "state.pt"
-    saved: Dict[str, Any] = {"config": cfg.to_dict(), "baselines": None, "runs": {}}
+    saved: Dict[str, Any] = {RUN_KIND_KEY: RUN_KIND, "config": cfg.to_dict(), "baselines": None,
+                             "baseline_options": baseline_options(cfg), "runs": {}, "options": {}}
     if cfg.output.overwrite:
         for f in RUN_FILES:
             (run_dir / f).unlink(missing_ok=True)
     elif state_path.exists():
-        previous = load(state_path)
-        check_compatible(previous["config"], cfg.to_dict(), extra_keys=_PROBLEM_KEYS)
-        saved["baselines"], saved["runs"] = previous["baselines"], previous["runs"]
+        _resume(cfg, state_path, saved, log)
         log(f"resuming {run_dir} (methods with a checkpoint: {', '.join(saved['runs']) or 'none'})")
 
     if cfg.baselines and saved["baselines"] is None:
@@ -102,8 +187,9 @@ def run_experiment(cfg: Config, *, log: Callable[[str], None] = print, progress:
         histories[entry.name] = run.history
         bar = _progress(entry.name, cfg.train.steps, run.step, progress)
 
-        def on_eval(record: Dict[str, Any], run: MethodRun = run, bar: Any = bar) -> None:
+        def on_eval(record: Dict[str, Any], run: MethodRun = run, bar: Any = bar, entry: MethodEntry = entry) -> None:
             saved["runs"][run.name] = run.state_dict()
+            saved["options"][run.name] = method_options(cfg, entry)
             save_atomic(saved, state_path)
             records()
             if bar is not None:
@@ -112,9 +198,11 @@ def run_experiment(cfg: Config, *, log: Callable[[str], None] = print, progress:
                                 auc=f"{record['auc']:.3f}")
                 bar.refresh()
 
-        run.run(cfg.train.steps, cfg.train.eval_every, cfg.train.time_budget_s, on_eval=on_eval)
-        if bar is not None:
-            bar.close()
+        try:
+            run.run(cfg.train.steps, cfg.train.eval_every, cfg.train.time_budget_s, on_eval=on_eval)
+        finally:
+            if bar is not None:
+                bar.close()
 
     rows = [summary_row(name, hist, baselines, target) for name, hist in histories.items()]
     rows.sort(key=lambda r: -r["test_acc"])

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from applications.adversarial.models.small_cnn import SmallCNN
+from applications.vision.small_cnn import SmallCNN
 
 __all__ = ["MODELS", "FunctionalModel", "Linear", "build_model"]
 

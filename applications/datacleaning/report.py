@@ -7,9 +7,10 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
+
+from applications.common.atomic import temporary_file
 
 __all__ = ["METRIC_FIELDS", "format_table", "summary_row", "time_to_target", "write_plot"]
 
@@ -92,7 +93,6 @@ def write_plot(path: Path, histories: Mapping[str, List[Mapping[str, Any]]],
     ax2.set_ylim(0.4, 1.0)
     ax2.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with temporary_file(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)

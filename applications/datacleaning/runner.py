@@ -17,12 +17,17 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 
 import bilevel as bl
+from applications.common.errors import Diverged
 
 from .methods import Context, Method
 from .problem import DataCleaning, Params
 from .weights import weight_quality
 
-__all__ = ["MethodRun", "train_fixed_weights"]
+__all__ = ["MethodDiverged", "MethodRun", "train_fixed_weights"]
+
+
+class MethodDiverged(Diverged, FloatingPointError):
+    """A method's validation loss became non-finite (the command exits 3; the last evaluation's state is kept)."""
 
 
 class MethodRun:
@@ -57,8 +62,8 @@ class MethodRun:
                   "test_acc": float(pb.test_accuracy(self.method.theta)),
                   **weight_quality(pb.weight_scores(self.w.detach(), self.method.theta), pb.data.corrupted)}
         if not math.isfinite(record["val_loss"]):
-            raise FloatingPointError(f"{self.name}: the validation loss is {record['val_loss']} at step {self.step}; "
-                                     "lower the method's step sizes")
+            raise MethodDiverged(f"{self.name}: the validation loss is {record['val_loss']} at step {self.step}; "
+                                 "lower the method's step sizes")
         self.history.append(record)
         return record
 

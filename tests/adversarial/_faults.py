@@ -15,10 +15,21 @@ import sys
 from typing import Any, Dict
 
 
+def write_half_and_die(real_save: Any, obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
+    """Writes the first half of ``real_save(obj)``'s bytes to ``f``, makes them durable, and SIGKILLs this process."""
+    buf = io.BytesIO()
+    real_save(obj, buf, *args, **kwargs)
+    data = buf.getvalue()
+    f.write(data[: len(data) // 2])
+    f.flush()
+    os.fsync(f.fileno())
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def install(spec: str) -> None:
     import torch
 
-    from applications.adversarial import checkpoint
+    from applications.common import checkpoint
 
     kind, count, when = spec.split(":")
     seen = {"n": 0}
@@ -34,13 +45,7 @@ def install(spec: str) -> None:
 
         def save(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
             if hit(obj):
-                buf = io.BytesIO()
-                real_save(obj, buf, *args, **kwargs)
-                data = buf.getvalue()
-                f.write(data[: len(data) // 2])
-                f.flush()
-                os.fsync(f.fileno())
-                os.kill(os.getpid(), signal.SIGKILL)
+                write_half_and_die(real_save, obj, f, *args, **kwargs)
             real_save(obj, f, *args, **kwargs)
 
         torch.save = save

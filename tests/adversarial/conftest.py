@@ -4,7 +4,7 @@ The commands these tests start (train.py, evaluate.py, torchrun) import this che
 installed ``bilevel`` (``pip install -e``) may point at another checkout; putting the repository first on
 ``PYTHONPATH`` makes every child process import the code under test.
 
-Comparing floats (here and in tests/datacleaning, tests/hyperopt, tests/benchmarks):
+Comparing floats (here and in tests/common, tests/vision, tests/datacleaning, tests/hyperopt, tests/benchmarks):
 
 * **Bit equality** (``torch.equal``, ``assert_close(rtol=0, atol=0)``, ``==`` on floats) only where the
   SAME computation is replayed: a resumed run against an uninterrupted one, a checkpoint against what

@@ -14,11 +14,10 @@ from applications.adversarial.config import (
     QUICKSTART,
     Config,
     ConfigError,
-    apply_overrides,
     config_to_dict,
     load_config,
-    parse_override,
 )
+from applications.common.yamlfile import apply_overrides, parse_override
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN = REPO / "applications" / "adversarial" / "train.py"

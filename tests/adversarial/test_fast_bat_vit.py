@@ -7,9 +7,9 @@ import torch
 
 import bilevel as bl
 from applications.adversarial.attacks import pgd_attack
-from applications.adversarial.data import load_dataset
 from applications.adversarial.methods import FastBAT, Standard
 from applications.adversarial.models import MODELS, VisionTransformer, build_model
+from applications.vision.data import load_dataset
 
 MNIST_VIT = {"image_size": 28, "patch_size": 7, "dim": 32, "depth": 1, "heads": 2}
 

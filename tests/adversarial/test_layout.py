@@ -1,4 +1,4 @@
-"""The application's own layout rules (the rules shared by every package are in tests/test_package_layout.py): no
+"""The applications' own layout rules (the rules shared by every package are in tests/test_package_layout.py): no
 module imports another's private name, nor reaches one through a sibling module's attribute; ``DATASETS`` is
 defined once; no module cites a file outside the repository."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[2] / "applications" / "adversarial"
+PACKAGE = Path(__file__).resolve().parents[2] / "applications"
 
 
 def test_no_private_name_crosses_modules_and_datasets_is_defined_once() -> None:

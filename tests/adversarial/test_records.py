@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from applications.adversarial.records import METRIC_FIELDS, TensorBoardScalars, write_json, write_metrics
+from applications.adversarial.records import METRIC_FIELDS, TensorBoardScalars
+from applications.common.atomic import write_json, write_metrics
 
 
 def record(epoch: int, **values):
@@ -19,7 +20,7 @@ def record(epoch: int, **values):
 
 def test_metrics_files_hold_the_history(tmp_path):
     history = [record(1), record(2, val_robust_acc=None, extra_key="kept in jsonl")]
-    write_metrics(tmp_path, history)
+    write_metrics(tmp_path, history, METRIC_FIELDS)
     assert [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == history
     rows = list(csv.DictReader((tmp_path / "metrics.csv").open()))
     assert list(rows[0]) == list(METRIC_FIELDS)

@@ -243,9 +243,19 @@ def test_autoattack_without_pyautoattack_is_a_config_error(tmp_path, capsys, mon
     assert load_config(tmp_path / "noaa.yaml", ["eval.autoattack_n=30"]).eval.autoattack_n == 30
 
 
-def test_autoattack_needs_the_final_test(tmp_path, capsys):
-    res = train(capsys, "--config", write_config(tmp_path, "nofinal"), "eval.autoattack_n=30", "eval.final_test=false")
-    assert res.rc == 2 and "eval.autoattack_n" in res.err and "eval.final_test=true" in res.err
+def test_without_the_final_test_autoattack_is_off_with_a_note(tmp_path, capsys):
+    """``bilevel-train eval.final_test=false`` over the quickstart (autoattack_n: 100) used to be refused; and
+    ``eval.autoattack_n=0`` ("must be > 0") too: 0 now means off, like null."""
+    from applications.adversarial.config import QUICKSTART, load_config
+
+    assert load_config(QUICKSTART, ["eval.final_test=false"]).eval.autoattack_runs is False
+    assert load_config(QUICKSTART, ["eval.autoattack_n=0"]).eval.autoattack_n is None
+    res = train(capsys, "--config", write_config(tmp_path, "nofinal"), "train.epochs=1", "eval.autoattack_n=30",
+                "eval.final_test=false")
+    assert res.rc == 0, res.err
+    assert "eval.autoattack_n=30 not run" in res.out and "eval.final_test=false" in res.out
+    results = json.loads((tmp_path / "nofinal" / "results.json").read_text())
+    assert results["test"] == {}
 
 
 def test_a_failing_autoattack_keeps_the_pgd_results(tmp_path, capsys, monkeypatch):

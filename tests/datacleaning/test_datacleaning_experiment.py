@@ -90,7 +90,7 @@ def test_resume_continues_bit_exactly(tmp_path, name):
 
 
 def test_a_checkpoint_of_another_problem_is_refused(tmp_path):
-    from applications.adversarial.checkpoint import CheckpointError
+    from applications.common.checkpoint import CheckpointError
 
     run_experiment(small(tmp_path, "c", ["f2sa"], steps=20, baselines=False), log=lambda s: None, progress=False)
     other = config_from_dict({**small(tmp_path, "c", ["f2sa"], steps=20, baselines=False).to_dict(),

@@ -10,10 +10,11 @@ from typing import Any, Callable, Dict
 
 from torch import nn
 
+from applications.vision.small_cnn import SmallCNN
+
 from .batchnorm import BatchNorm2d, batch_norm_train, use_lean_batchnorm
 from .normalize import Normalized, Stats, as_channel_stats
 from .preact_resnet import PreActBlock, PreActResNet, preact_resnet18
-from .small_cnn import SmallCNN
 from .vit import VisionTransformer
 from .wide_resnet import WideBasicBlock, WideResNet, WideStage, wide_resnet34_10
 

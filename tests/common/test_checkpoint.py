@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from applications.adversarial import checkpoint as ckpt
-from applications.adversarial.checkpoint import (
+from applications.common import checkpoint as ckpt
+from applications.common.checkpoint import (
     CheckpointError,
     capture_rng_state,
     check_compatible,
@@ -102,7 +102,7 @@ def test_keyboard_interrupt_during_write_cleans_up(tmp_path, monkeypatch):
 _WRITER = textwrap.dedent(
     """
     import sys, torch
-    from applications.adversarial.checkpoint import save_atomic
+    from applications.common.checkpoint import save_atomic
     path = sys.argv[1]
     i = 0
     while True:
@@ -314,15 +314,3 @@ def test_check_compatible_extra_keys():
 def test_module_exports():
     assert set(ckpt.__all__) >= {"CheckpointError", "save_atomic", "load", "capture_rng_state", "restore_rng_state",
                                  "check_compatible"}
-
-
-def test_stray_temporaries_of_dead_writers_are_removed(tmp_path):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    dead_pid = int(dead.stdout)
-    stray = tmp_path / f".last.pt.{dead_pid}.0123456789ab.tmp"
-    live = tmp_path / f".best.pt.{os.getpid()}.0123456789ab.tmp"  # a write in progress in this process
-    other = tmp_path / ".notes.tmp"  # not a checkpoint temporary
-    for p in (stray, live, other):
-        p.write_bytes(b"partial")
-    removed = ckpt.remove_stale_temporaries(tmp_path)
-    assert removed == [stray] and not stray.exists() and live.exists() and other.exists()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from applications.adversarial.data import (
+from applications.vision.data import (
     load_dataset,
     load_npz,
     load_torchvision,

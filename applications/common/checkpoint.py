@@ -3,12 +3,13 @@
 A checkpoint is a ``dict`` of tensors and plain Python values (ints, floats, str, lists, tuples, dicts,
 None), so that it loads with ``torch.load(weights_only=True)`` and never executes pickled code.
 
-Atomicity. :func:`save_atomic` writes to a temporary file in the destination directory, flushes and
-``fsync``\\ s it, renames it onto the destination with ``os.replace`` (atomic on POSIX and Windows when
-both names are on the same file system) and ``fsync``\\ s the directory so that the rename itself is
-durable. A process killed at any instant therefore leaves either the previous complete file or the new
-complete file under ``path``, never a truncated one; at worst a stray ``.<name>.<pid>.<hex>.tmp`` file
-remains, which :func:`remove_stale_temporaries` deletes once its writer is gone.
+Atomicity. :func:`save_atomic` writes through :func:`~applications.common.atomic.write_atomic`: a process
+killed at any instant leaves either the previous complete file or the new one under ``path``, never a
+truncated one; at worst a stray ``.<name>.<pid>.<hex>.tmp`` file remains, which
+:func:`~applications.common.atomic.remove_stale_temporaries` deletes once its writer is gone.
+
+Kinds. Every application writes :data:`RUN_KIND_KEY` into its checkpoints, so that one given to the other
+application's command is named for what it is (:func:`check_run_kind`).
 
 A failed write (a full disk, a read-only or vanished directory) raises :class:`OSError` with the errno
 of the underlying failure and the checkpoint's path, even where ``torch.save`` reports it as a
@@ -17,60 +18,42 @@ of the underlying failure and the checkpoint's path, even where ``torch.save`` r
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
-import os
 import random
-import re
-import uuid
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+
+from .atomic import PathLike, write_atomic
+from .errors import UserError
 
 __all__ = [
     "CheckpointError",
     "MODEL_DEFINING_KEYS",
     "capture_rng_state",
     "check_compatible",
+    "differences",
     "load",
-    "remove_stale_temporaries",
+    "RUN_KINDS",
+    "RUN_KIND_KEY",
+    "check_run_kind",
+    "run_kind",
     "restore_rng_state",
     "save_atomic",
 ]
 
-PathLike = Union[str, "os.PathLike[str]"]
 
-
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """A checkpoint that cannot be used: corrupt, truncated, of the wrong type, or from another setting."""
 
 
 # --------------------------------------------------------------------------------------------- save / load
-def _fsync_directory(directory: Path) -> None:
-    """Make a rename inside ``directory`` durable (POSIX); a no-op where directories cannot be opened."""
-    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)
-    try:
-        fd = os.open(directory, flags)
-    except OSError:  # Windows, or file systems that refuse to open directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_atomic(obj: Dict[str, Any], path: PathLike) -> None:
-    """Write ``obj`` to ``path`` with ``torch.save`` so that ``path`` is always a complete file.
-
-    Steps: ``torch.save`` into ``<dir>/.<name>.<random>.tmp`` (created exclusively, with the usual
-    umask-derived permissions), flush, ``os.fsync``, ``os.replace`` onto ``path``, ``fsync`` the directory.
-    The temporary file is removed if anything fails (including ``KeyboardInterrupt``). The parent
-    directory is created if missing.
+    """Write ``obj`` to ``path`` with ``torch.save`` so that ``path`` is always a complete file
+    (:func:`~applications.common.atomic.write_atomic`: a per-process temporary, ``fsync``, rename).
 
     Raises:
         TypeError: ``obj`` is not a dict.
@@ -78,70 +61,44 @@ def save_atomic(obj: Dict[str, Any], path: PathLike) -> None:
     """
     if not isinstance(obj, dict):
         raise TypeError(f"save_atomic expects a dict checkpoint, got {type(obj).__name__}")
-    path = Path(path)
-    directory = path.parent if str(path.parent) else Path(".")
-    tmp = directory / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp"
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    except OSError as err:
-        raise OSError(err.errno, f"cannot write checkpoint {path}: {err.strerror}") from err
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        cause = _os_error(err)
-        if cause is not None:
-            raise OSError(cause.errno, f"cannot write checkpoint {path}: {cause.strerror or cause}") from err
-        raise
-    _fsync_directory(directory)
+    write_atomic(path, lambda f: torch.save(obj, f), "checkpoint")
 
 
-def _os_error(err: BaseException) -> Optional[OSError]:
-    """The OSError that ``err`` is or was raised while handling (torch's zip writer wraps it)."""
-    seen = 0
-    e: Optional[BaseException] = err
-    while e is not None and seen < 8:
-        if isinstance(e, OSError):
-            return e
-        e, seen = e.__cause__ or e.__context__, seen + 1
+# ---------------------------------------------------------------------------------------------- run kinds
+#: The kinds of run whose checkpoints carry their kind under :data:`RUN_KIND_KEY`, with their names.
+RUN_KINDS = {"adversarial-training": "an adversarial-training (bilevel-train) checkpoint",
+             "datacleaning": "a data-cleaning (bilevel-datacleaning) checkpoint"}
+#: The key of a checkpoint that names the kind of run that wrote it.
+RUN_KIND_KEY = "run_kind"
+
+
+def run_kind(ck: Mapping[str, Any]) -> Optional[str]:
+    """The kind of run that wrote checkpoint ``ck``: its :data:`RUN_KIND_KEY`, or for files written before
+    the key existed, the kind their layout shows (None: neither)."""
+    kind = ck.get(RUN_KIND_KEY)
+    if isinstance(kind, str):
+        return kind
+    if "runs" in ck and "baselines" in ck:
+        return "datacleaning"
+    if "format" in ck and ck.get("kind") in ("last", "best"):
+        return "adversarial-training"
     return None
 
 
-_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{12}\.tmp$")
+def check_run_kind(ck: Mapping[str, Any], expected: str, path: PathLike) -> None:
+    """Refuse a checkpoint that another kind of run (or no run of this project) wrote.
 
-
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # exists, owned by someone else (or the platform cannot tell): keep its file
-        return True
-    return True
-
-
-def remove_stale_temporaries(directory: PathLike) -> List[Path]:
-    """Deletes the ``.<name>.<pid>.<hex>.tmp`` files that :func:`save_atomic` left in ``directory`` when
-    its process was killed mid-write (those whose process no longer runs); returns their paths."""
-    directory = Path(directory)
-    removed: List[Path] = []
-    if not directory.is_dir():
-        return removed
-    for p in sorted(directory.iterdir()):
-        m = _TEMPORARY.match(p.name)
-        if m and p.is_file() and not _pid_alive(int(m.group("pid"))):
-            with contextlib.suppress(OSError):
-                p.unlink()
-                removed.append(p)
-    return removed
+    Raises:
+        CheckpointError: naming what ``path`` is, e.g. "... is a data-cleaning (bilevel-datacleaning)
+            checkpoint, not an adversarial-training (bilevel-train) one".
+    """
+    kind = run_kind(ck)
+    if kind == expected:
+        return
+    want = RUN_KINDS.get(expected, expected).replace(" checkpoint", " one")
+    if kind is None:
+        raise CheckpointError(f"{path} was not written by a run of this project (no run kind); expected {want}")
+    raise CheckpointError(f"{path} is {RUN_KINDS.get(kind, repr(kind))}, not {want}")
 
 
 def load(path: PathLike, map_location: Any = "cpu") -> Dict[str, Any]:
@@ -229,6 +186,7 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
 #: Exact dotted keys (besides everything under ``model``) that must match to resume a run.
 MODEL_DEFINING_KEYS: Tuple[str, ...] = ("data.name", "method.name", "method.eps")
 
+
 class _Missing:
     def __repr__(self) -> str:
         return "<missing>"
@@ -267,30 +225,41 @@ def _same(a: Any, b: Any) -> bool:
     return type(a) is type(b) and a == b
 
 
+def differences(saved_config: Any, config: Any, keys: Optional[Callable[[str], bool]] = None,
+                missing: Any = _MISSING) -> List[Tuple[str, Any, Any]]:
+    """The dotted keys (those for which ``keys(key)`` holds; default all) whose values differ between two
+    nested configs, sorted, as ``(key, saved, new)``; an absent key is ``missing`` (default ``<missing>``). Numbers compare with
+    a relative tolerance of 1e-9 (so ``8/255`` written by YAML and Python agree); lists equal tuples."""
+    saved, new = _flatten(saved_config), _flatten(config)
+    out = []
+    for k in sorted(set(saved) | set(new)):
+        if keys is not None and not keys(k):
+            continue
+        a, b = saved.get(k, _MISSING), new.get(k, _MISSING)
+        if a is _MISSING or b is _MISSING or not _same(a, b):
+            out.append((k, missing if a is _MISSING else a, missing if b is _MISSING else b))
+    return out
+
+
 def check_compatible(saved_config: Mapping[str, Any], config: Mapping[str, Any], *,
-                     extra_keys: Iterable[str] = ()) -> None:
+                     extra_keys: Iterable[str] = (), fix: str = "") -> None:
     """Refuse to resume a checkpoint written for a different model or problem.
 
     Compared: every key under ``model`` (nested keys included) and the dotted keys
-    :data:`MODEL_DEFINING_KEYS` (``data.name``, ``method.name``, ``method.eps``), plus ``extra_keys``.
-    Everything else (epochs, learning rate, output directory, ...) may differ. Numbers compare with a
-    relative tolerance of 1e-9 (so ``8/255`` written by YAML and Python agree); lists equal tuples.
+    :data:`MODEL_DEFINING_KEYS` (``data.name``, ``method.name``, ``method.eps``), plus ``extra_keys``
+    (a key, or a section whose every key counts). Everything else (epochs, learning rate, output
+    directory, ...) may differ (:func:`differences` says how numbers compare).
 
     Raises:
-        CheckpointError: one message listing every differing key as ``key: saved=... new=...``.
+        CheckpointError: one message listing every differing key as ``key: saved=... new=...``, then ``fix``
+            (how to start afresh).
     """
-    saved, new = _flatten(saved_config), _flatten(config)
     exact = set(MODEL_DEFINING_KEYS) | set(extra_keys)
 
     def defining(key: str) -> bool:
-        return key == "model" or key.startswith("model.") or key in exact
+        return key == "model" or key.startswith("model.") or key in exact or any(key.startswith(f"{e}.") for e in exact)
 
-    keys = sorted(k for k in set(saved) | set(new) if defining(k))
-    diffs = []
-    for k in keys:
-        a, b = saved.get(k, _MISSING), new.get(k, _MISSING)
-        if a is _MISSING or b is _MISSING or not _same(a, b):
-            diffs.append(f"{k}: saved={a!r} new={b!r}")
+    diffs = [f"{k}: saved={a!r} new={b!r}" for k, a, b in differences(saved_config, config, defining)]
     if diffs:
         raise CheckpointError("checkpoint is incompatible with this config (model/problem keys differ): "
-                              + "; ".join(diffs))
+                              + "; ".join(diffs) + (f"; {fix}" if fix else ""))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from applications.adversarial.data import ImageArrays, load_mnist5k
+from applications.vision.data import ImageArrays, load_mnist5k
 
 
 @pytest.fixture(scope="session")

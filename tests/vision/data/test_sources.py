@@ -8,7 +8,7 @@ from typing import Callable
 import pytest
 import torch
 
-from applications.adversarial.data import (
+from applications.vision.data import (
     DATASET_STATS,
     load_dataset,
 )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from applications.adversarial.data import (
+from applications.vision.data import (
     Augment,
     crop_flip,
     rotate,

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from applications.adversarial.data import (
+from applications.vision.data import (
     DATASET_STATS,
     load_dataset,
     load_image_folder,
 )
-from applications.adversarial.data import arrays as arrays_module
-from applications.adversarial.data import image_folder as image_folder_module
+from applications.vision.data import arrays as arrays_module
+from applications.vision.data import image_folder as image_folder_module
 
 COUNTS = {("train", "cat"): 3, ("train", "ant"): 2, ("train", "bee"): 4, ("test", "bee"): 2, ("test", "ant"): 1}
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from applications.adversarial.data import arrays as arrays_module
-from applications.adversarial.data import (
+from applications.vision.data import arrays as arrays_module
+from applications.vision.data import (
     load_digits,
     load_mnist5k,
 )

@@ -7,7 +7,7 @@ from typing import Callable
 import pytest
 import torch
 
-from applications.adversarial.data import (
+from applications.vision.data import (
     Augment,
     DeviceLoader,
     ImageArrays,

@@ -1,0 +1,82 @@
+"""One command-line grammar and one way out for every command of the applications.
+
+Grammar: options (``--config FILE``, ``--no-progress``, ...) and ``key.sub=value`` overrides in any
+order, e.g. ``bilevel-train train.epochs=1 --no-progress seed=1`` (:func:`parse_args`, argparse's
+intermixed parsing).
+
+Way out (:func:`run_command`): the command's body runs with SIGINT and SIGTERM turned into
+:class:`~applications.common.interrupts.Interrupted`, raised wherever the main thread is (the current
+step is abandoned), except inside a write, which is finished first
+(:func:`~applications.common.interrupts.deferred`). Then:
+
+* a :class:`~applications.common.errors.UserError` or an ``OSError`` (a full disk, a read-only folder)
+  prints ``error: <message>`` on stderr, no traceback (one line; a configuration error lists its
+  problems one per line below it) and exits 2;
+* :class:`~applications.common.errors.Diverged` prints its message and exits 3;
+* ``Interrupted`` prints one line, ``interrupted by SIGINT: <how to resume>``, and exits 130
+  (SIGINT) or 143 (SIGTERM);
+* anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from pathlib import Path
+from typing import Callable, List, Optional
+
+from .errors import EXIT_DIVERGED, EXIT_USAGE, Diverged, UserError
+from .interrupts import Interrupted, interrupts_raise
+
+__all__ = ["ResumeHint", "parse_args", "run_command"]
+
+
+class ResumeHint:
+    """What the interrupt message says: ``command``, the command that resumes the run, and ``checkpoint``,
+    the file it continues from, both set once the run directory is known."""
+
+    def __init__(self) -> None:
+        self.command: Optional[str] = None
+        self.checkpoint: Optional[Path] = None
+
+    def message(self) -> str:
+        """The sentence after ``interrupted by SIG...:``."""
+        if self.command is None:
+            return "stopped before the run started; nothing was saved"
+        if self.checkpoint is not None and not self.checkpoint.is_file():
+            return "stopped before the first checkpoint; run the same command again to start afresh"
+        where = f" ({self.checkpoint})" if self.checkpoint is not None else ""
+        return f"the last checkpoint{where} is kept; resume with: {self.command}"
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Optional[List[str]] = None) -> argparse.Namespace:
+    """``parser``'s arguments with options and positionals (the overrides) in any order."""
+    return parser.parse_intermixed_args(argv)
+
+
+def run_command(body: Callable[[ResumeHint], int], hint: Optional[ResumeHint] = None,
+                prog: Optional[str] = None) -> int:
+    """Runs ``body(hint)`` under the policy of the module docstring; returns the exit status.
+
+    ``body`` sets ``hint.command`` as soon as there is a run to resume. ``prog`` prefixes the error lines
+    (``bilevel-train: error: ...``; default: plain ``error: ...``).
+    """
+    hint = hint or ResumeHint()
+    prefix = f"{prog}: " if prog else ""
+    try:
+        with interrupts_raise():
+            return body(hint)
+    except Interrupted as exc:
+        print(f"\n{prefix}interrupted by {signal.Signals(exc.signum).name}: {hint.message()}", file=sys.stderr,
+              flush=True)
+        return exc.exit_code
+    except KeyboardInterrupt:  # a SIGINT that arrived where the handler was not installed
+        print(f"\n{prefix}interrupted by SIGINT: {hint.message()}", file=sys.stderr, flush=True)
+        return 128 + int(signal.SIGINT)
+    except Diverged as exc:
+        print(f"{prefix}error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_DIVERGED
+    except (UserError, OSError) as exc:
+        print(f"{prefix}error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_USAGE
