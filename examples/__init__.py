@@ -1,0 +1,1 @@
+"""Runnable recipes of bilevel (see examples/README.md); each script runs with ``python examples/<name>.py``."""
