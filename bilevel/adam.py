@@ -13,7 +13,8 @@ With :math:`d_k = \nabla_y g(x, y_k; B_k) + \omega y_k` (``weight_decay`` :math:
 from :math:`m_{-1} = v_{-1} = 0`. With :math:`\epsilon_{root} = 0` this is ``torch.optim.Adam``'s iterate
 exactly; but then a coordinate whose gradient is exactly zero and still depends on :math:`x` (the weight
 of an input feature that is zero in every sample, like MNIST's border pixels) has :math:`v = 0`, where
-:math:`\sqrt{\cdot}` has an infinite derivative, and the unrolled hypergradient is NaN (0/0). The default :math:`\epsilon_{root} = 10^{-16}` keeps the derivative finite (TorchOpt's
+:math:`\sqrt{\cdot}` has an infinite derivative, and the unrolled hypergradient is NaN (0/0).
+The default :math:`\epsilon_{root} = 10^{-16}` keeps the derivative finite (TorchOpt's
 ``eps_root`` plays the same role) and moves the iterate by a relative :math:`O(\epsilon_{root}/v)`.
 """
 

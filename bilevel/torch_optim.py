@@ -11,6 +11,7 @@ from ._tree import Tree, leaves, unflatten
 from .problem import LowerProblem
 from .solvers import Solver, check_steps
 from .stochastic.batches import BatchSource, as_batches
+from .stochastic.parallel import DataParallel, mean_over
 
 __all__ = ["TorchOptim"]
 
@@ -36,16 +37,19 @@ class TorchOptim(Solver):
         steps: number of steps.
         batches: a batch source (callable, iterable or ``DataLoader``; see :func:`bilevel.stochastic.as_batches`),
             or ``None`` for the full objective ``g(x, y)``.
+        parallel: a :class:`~bilevel.stochastic.DataParallel`: each step's gradient is averaged over the ranks
+            (one ``all_reduce`` per step), so P processes step as one process on the concatenated batch.
         **options: passed to the optimizer (``lr``, ``momentum``, ``betas``, ...).
     """
 
     def __init__(self, optimizer: Callable[..., torch.optim.Optimizer], steps: int, *,
-                 batches: Optional[BatchSource] = None, **options: Any) -> None:
+                 batches: Optional[BatchSource] = None, parallel: Optional[DataParallel] = None, **options: Any) -> None:
         check_steps("TorchOptim", steps)
         if not callable(optimizer):
             raise TypeError(f"TorchOptim: optimizer must be a torch.optim.Optimizer class or factory, got {optimizer!r}")
         self.optimizer, self.steps, self.options = optimizer, int(steps), options
         self.batches = as_batches(batches)
+        self.parallel = parallel
 
     def __repr__(self) -> str:
         name = getattr(self.optimizer, "__name__", repr(self.optimizer))
@@ -70,8 +74,9 @@ class TorchOptim(Solver):
                 if not isinstance(value, torch.Tensor) or value.ndim != 0:
                     raise ValueError("TorchOptim: the lower objective must return a scalar tensor")
                 grads = torch.autograd.grad(value, ys, allow_unused=True)
+            grads = mean_over(self.parallel, [torch.zeros_like(t) if g is None else g for t, g in zip(ys, grads)])
             for t, g in zip(ys, grads):
-                t.grad = torch.zeros_like(t) if g is None else g
+                t.grad = g
             opt.step()
             if constrained:
                 with torch.no_grad():

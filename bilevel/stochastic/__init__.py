@@ -16,6 +16,7 @@ from .base import StochasticImplicit
 from .batches import BatchError, CheckedBatches, IterableBatches, RandomBatches, as_batches, check_batch
 from .bome import BOME
 from .f2sa import F2SA, benchopt_lam_growth
+from .parallel import DataParallel, mean_over
 from .single_loop import SingleLoop
 from .soba import SOBA
 from .state import StochasticState
@@ -24,4 +25,4 @@ from .system import BatchSystem
 
 __all__ = ["AmIGO", "StocBiO", "SOBA", "F2SA", "BOME", "SingleLoop", "StochasticImplicit", "BatchSystem", "StochasticState",
            "RandomBatches", "IterableBatches", "CheckedBatches", "BatchError", "as_batches", "check_batch",
-           "benchopt_lam_growth"]
+           "benchopt_lam_growth", "DataParallel", "mean_over"]

@@ -51,16 +51,29 @@ class RandomBatches:
         batch_size: indices per batch.
         seed: seed of the sampler's own ``torch.Generator``.
         device: where the indices (and the generator) live.
+        parallel: a :class:`~bilevel.stochastic.DataParallel`: ``batch_size`` is then the global batch, every
+            rank draws the same global batch (same seed) and returns its contiguous share of
+            ``batch_size / world_size`` indices, so the global batch does not depend on the number of processes.
     """
 
-    def __init__(self, n: int, batch_size: int, *, seed: int = 0, device: Union[str, torch.device] = "cpu") -> None:
+    def __init__(self, n: int, batch_size: int, *, seed: int = 0, device: Union[str, torch.device] = "cpu",
+                 parallel: Optional[Any] = None) -> None:
         if int(n) != n or n < 1 or int(batch_size) != batch_size or batch_size < 1:
             raise ValueError(f"RandomBatches: n and batch_size must be positive integers, got {n}, {batch_size}")
         self.n, self.batch_size, self.device = int(n), int(batch_size), torch.device(device)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.share: Optional[slice] = None
+        if parallel is not None:
+            p, r = parallel.world_size, parallel.rank
+            if self.batch_size % p:
+                raise ValueError(f"RandomBatches: the global batch_size {self.batch_size} is not divisible by the "
+                                 f"world size {p}")
+            local = self.batch_size // p
+            self.share = slice(r * local, (r + 1) * local)
 
     def __call__(self) -> torch.Tensor:
-        return torch.randint(self.n, (self.batch_size,), generator=self.generator, device=self.device)
+        batch = torch.randint(self.n, (self.batch_size,), generator=self.generator, device=self.device)
+        return batch if self.share is None else batch[self.share]
 
     def state_dict(self) -> Dict[str, torch.Tensor]:
         """The generator's state, for checkpoints."""

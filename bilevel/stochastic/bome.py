@@ -67,10 +67,12 @@ class BOME(SingleLoop):
         theta = [a.detach() for a in y_flat]
         for _ in range(self.inner_steps):  # theta's leaves are fresh tensors without a graph: mark them in place
             _, _, d = partials(g, x_const, x_spec, [a.requires_grad_() for a in theta], y_spec, gb, wrt_x=False)
+            (d,) = self.average(d)
             theta = self.project([(a - alpha * b).detach() for a, b in zip(theta, d)], y_spec)
         _, gx_theta, _ = partials(g, xs, x_spec, theta, y_spec, gb, wrt_y=False)
         _, gx, gy = partials(g, xs, x_spec, ys, y_spec, gb)
         _, fx, fy = partials(self.upper, xs, x_spec, ys, y_spec, fb)
+        gx_theta, gx, gy, fx, fy = self.average(gx_theta, gx, gy, fx, fy)
         qx = [a - b for a, b in zip(gx, gx_theta)]
         nq = sum(torch.dot(a.reshape(-1), a.reshape(-1)) for a in [*qx, *gy])
         fq = sum(torch.dot(a.reshape(-1), b.reshape(-1)) for a, b in zip([*fx, *fy], [*qx, *gy]))

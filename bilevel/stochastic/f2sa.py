@@ -71,6 +71,7 @@ class F2SA(SingleLoop):
         _, gx_z, gz = partials(g, xs, x_spec, zs, y_spec, gb)
         _, gx_y, gy = partials(g, xs, x_spec, ys, y_spec, gb)
         _, fx, fy = partials(self.upper, xs, x_spec, ys, y_spec, fb)
+        gx_z, gz, gx_y, gy, fx, fy = self.average(gx_z, gz, gx_y, gy, fx, fy)
         state.z = unflatten(self.project([a - rho * d for a, d in zip(z_flat, gz)], y_spec), y_spec)
         state.y = unflatten(self.project([a - (rho / lam) * b - rho * d for a, b, d in zip(y_flat, fy, gy)], y_spec),
                             y_spec)

@@ -25,6 +25,7 @@ import torch
 from .._tree import Tree, leaves, unflatten
 from ..problem import LowerProblem
 from .batches import BatchSource, as_batches
+from .parallel import DataParallel, mean_over
 from .state import StochasticState
 
 __all__ = ["SingleLoop", "StepSize", "partials", "requires_grad"]
@@ -62,6 +63,8 @@ class SingleLoop:
         lower_batches, upper_batches: batch sources for ``g`` and ``f`` (callables, iterables, ``DataLoader``);
             ``None`` calls the objective without a batch.
         mask_tol: a coordinate is free when it is more than ``mask_tol`` inside both bounds.
+        parallel: a :class:`~bilevel.stochastic.DataParallel`: every batch estimate of a step is averaged over
+            the ranks (each method's docstring counts the ``all_reduce`` calls per step).
     """
 
     lower: LowerProblem
@@ -70,6 +73,7 @@ class SingleLoop:
     lower_batches: Optional[BatchSource] = None
     upper_batches: Optional[BatchSource] = None
     mask_tol: float = 0.0
+    parallel: Optional[DataParallel] = None
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -108,6 +112,17 @@ class SingleLoop:
             raise ValueError(f"{type(self).__name__}: the step-size schedule returned {number!r} at step {t}; step sizes "
                              "must be finite and > 0")
         return value
+
+    def average(self, *groups: Sequence[torch.Tensor]) -> List[List[torch.Tensor]]:
+        """Each group of estimates averaged over the ranks with ``parallel`` (one ``all_reduce`` for all of them)."""
+        if self.parallel is None:
+            return [list(g) for g in groups]
+        flat = mean_over(self.parallel, [t for g in groups for t in g])
+        out, start = [], 0
+        for g in groups:
+            out.append(flat[start:start + len(g)])
+            start += len(g)
+        return out
 
     def draw(self) -> Tuple[Tuple[Any, ...], Tuple[Any, ...]]:
         """Fresh, independent batch arguments for ``g`` and for ``f`` (empty tuples without a source)."""

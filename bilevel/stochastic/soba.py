@@ -71,6 +71,7 @@ class SOBA(SingleLoop):
         second = [torch.zeros_like(a) if s is None else s for s, a in zip(second, [*xs, *ys])]
         cross, hv = second[: len(xs)], second[len(xs):]
         _, fx, fy = partials(self.upper, xs, x_spec, ys, y_spec, fb)
+        gy, cross, hv, fx, fy = self.average([d.detach() for d in gy], cross, hv, fx, fy)
         if masks is None:
             v = [a - rho_v * (h + b) for a, h, b in zip(v, hv, fy)]
         else:

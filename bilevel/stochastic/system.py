@@ -20,6 +20,7 @@ from .._autodiff import ExactProducts
 from .._tree import to_vector
 from ..hypergrad.implicit import masked_operator
 from ..problem import LowerProblem
+from .parallel import DataParallel, mean_over
 
 __all__ = ["BatchSystem"]
 
@@ -28,9 +29,10 @@ class BatchSystem:
     """The masked implicit system at ``(x, y*)``, with one operator per mini-batch."""
 
     def __init__(self, lower: LowerProblem, x_flat: Sequence[torch.Tensor], x_spec: Any,
-                 y_flat: Sequence[torch.Tensor], y_spec: Any, *, damping: float = 0.0, mask_tol: float = 0.0) -> None:
+                 y_flat: Sequence[torch.Tensor], y_spec: Any, *, damping: float = 0.0, mask_tol: float = 0.0,
+                 parallel: Optional[DataParallel] = None) -> None:
         self.lower, self.x_flat, self.x_spec, self.y_flat, self.y_spec = lower, list(x_flat), x_spec, list(y_flat), y_spec
-        self.rho = damping
+        self.rho, self.parallel = damping, parallel
         masks = lower.free_mask(self.y_flat, mask_tol, y_spec)
         like = to_vector([t.detach() for t in self.y_flat])
         self.mask: Optional[torch.Tensor] = None if masks is None else to_vector(masks).to(like.dtype)
@@ -40,16 +42,20 @@ class BatchSystem:
         return ExactProducts(self.lower.on(batch).objective, self.x_flat, self.x_spec, self.y_flat, self.y_spec)
 
     def operator(self, batch: Any) -> Callable[[torch.Tensor], torch.Tensor]:
-        r"""The matrix-vector product :math:`u \mapsto A_B u` on batch ``batch``."""
-        return masked_operator(self.linearization(batch).hvp, self.mask, self.rho)
+        r"""The matrix-vector product :math:`u \mapsto A_B u` on batch ``batch`` (averaged over ranks with ``parallel``)."""
+        hvp = self.linearization(batch).hvp
+        if self.parallel is not None:
+            local = hvp
+            hvp = lambda v: mean_over(self.parallel, [local(v)])[0]  # noqa: E731
+        return masked_operator(hvp, self.mask, self.rho)
 
     def rhs(self, v_flat: Sequence[torch.Tensor]) -> torch.Tensor:
-        r""":math:`D \bar y` as a flat vector."""
-        b = to_vector([t.to(y.dtype) for t, y in zip(v_flat, self.y_flat)])
+        r""":math:`D \bar y` as a flat vector (:math:`\bar y` averaged over ranks with ``parallel``)."""
+        b = to_vector(mean_over(self.parallel, [t.to(y.dtype) for t, y in zip(v_flat, self.y_flat)]))
         return b if self.mask is None else self.mask * b
 
     def hypergradient(self, batch: Any, u: torch.Tensor) -> List[torch.Tensor]:
         r""":math:`-\nabla^2_{xy} g(x, y^\star, B)\, D u` per leaf of ``x``."""
         if self.mask is not None:
             u = self.mask * u
-        return [-t for t in self.linearization(batch).cross(u)]
+        return [-t for t in mean_over(self.parallel, self.linearization(batch).cross(u))]
