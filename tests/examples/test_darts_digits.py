@@ -24,7 +24,9 @@ import torch.nn.functional as F
 import bilevel as bl
 
 ROOT = Path(__file__).resolve().parents[2]
-FD_TOL = 1e-3  # relative error of the whole alpha-gradient; the truncation error of distance 0.01 is ~1e-5 here
+# Relative errors on the smooth supernet: of the second-order term, the central difference's truncation error at the
+# distance 0.01 (O(0.01^2), 2e-5 measured here); of the whole alpha-gradient, less (5.6e-7 measured).
+FD_TOL = {"term": 1e-3, "gradient": 1e-4}
 
 
 def _load():
@@ -98,7 +100,7 @@ def test_the_finite_difference_variant_is_close_to_exact_on_a_smooth_supernet(ca
         term = float((fd - exact).norm() / (exact - direct).norm())
         distances["smooth" if smooth else "relu"] = (rel, term)
         assert float((exact - direct).norm()) > 1e-3 * float(exact.norm())  # the second-order term is not negligible
-    assert distances["smooth"][0] < FD_TOL, distances
+    assert distances["smooth"][0] < FD_TOL["gradient"] and distances["smooth"][1] < FD_TOL["term"], distances
     with capsys.disabled():  # reported, not asserted: on ReLU the difference quotient crosses kinks
         print(f"\nDARTS finite difference vs exact (relative error of the alpha-gradient, of its second-order term): "
               f"smooth {distances['smooth'][0]:.2e}, {distances['smooth'][1]:.2e}; "
