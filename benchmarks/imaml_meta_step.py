@@ -18,9 +18,10 @@ Three implementations of the same meta-step, timed round-robin on the same meta-
 
 Then the learning comparison (the issue's observation: Betty's iMAML learned faster over its first 40 meta-steps
 than ours): ``meta_steps`` meta-steps from the same initialization on the same meta-batches, held-out MSE (500
-tasks, 10 adaptation steps at :math:`\alpha`) after them, for ours with CG(``cg_iters``) and CG(1), first-order
-MAML, and Betty with ``cg_iterations`` 1 (its default) and ``cg_iters``; and, at the initialization, each
-method's meta-gradient against the exact solve of the same linear systems (``DenseSolve``): cosine and norm ratio.
+tasks, 10 adaptation steps at :math:`\alpha`) after them, for ours with CG(``cg_iters``) and CG(1) and first-order
+MAML at Adam rates 1e-3 and 1e-2, and Betty at 1e-3 with ``cg_iterations`` 1 (its default) and ``cg_iters``, and with
+1 but without ``gradient_accumulation`` (one Adam step per task); and, at the initialization, each method's
+meta-gradient against the exact solve of the same linear systems (``DenseSolve``): cosine and norm ratio.
 
 Run ``python benchmarks/imaml_meta_step.py`` (a few minutes on 2 cores) or ``--tiny``; writes
 ``benchmarks/results/imaml_meta_step.json`` and ``.md``.
@@ -70,11 +71,13 @@ def _quiet() -> Iterator[None]:
 class BettyIMAML:
     """iMAML as a Betty program: ``Outer`` (theta, Adam) over ``Inner`` (w, SGD), CG hypergradient.
 
+    ``accumulate=False`` leaves ``gradient_accumulation`` at Betty's default 1: the upper problem then takes one
+    Adam step per task (B steps per meta-batch) instead of one per meta-batch.
     ``run(batches)`` meta-trains on the given meta-batches (one per meta-step) and returns the seconds spent;
     ``grads`` holds theta's gradient at each meta-step (what Adam received), ``theta()`` the current weights.
     """
 
-    def __init__(self, cfg: Config, cg_iterations: int, cg_alpha: float = 1.0) -> None:
+    def __init__(self, cfg: Config, cg_iterations: int, cg_alpha: float = 1.0, accumulate: bool = True) -> None:
         from betty.configs import Config as BettyConfig
         from betty.problems import ImplicitProblem
 
@@ -109,7 +112,7 @@ class BettyIMAML:
                 owner.task += 1  # the next task of the meta-batch; the lower weights restart at theta
                 self.module.load_state_dict(self.outer.module.state_dict())
 
-        self.outer = Outer("outer", BettyConfig(retain_graph=True, gradient_accumulation=cfg.meta_batch),
+        self.outer = Outer("outer", BettyConfig(retain_graph=True, gradient_accumulation=cfg.meta_batch if accumulate else 1),
                            module=outer_net, optimizer=torch.optim.Adam(outer_net.parameters(), lr=cfg.meta_lr))
         self.inner = Inner("inner", BettyConfig(type="cg", cg_iterations=cg_iterations, cg_alpha=cg_alpha,
                                                 unroll_steps=cfg.imaml_steps),
@@ -234,35 +237,42 @@ def gradient_check(cfg: Config, tasks: Tasks, betty: bool) -> List[Dict]:
              "rel_error": float((v - ref).norm() / ref.norm())} for name, v in cands.items()]
 
 
-def learning(cfg: Config, betty: bool, log=print) -> List[Dict]:
-    """``cfg.meta_steps`` meta-steps of each variant on the same meta-batches; held-out MSE after them."""
+def learning(cfg: Config, betty: bool, lrs: Sequence[float], log=print) -> List[Dict]:
+    """``cfg.meta_steps`` meta-steps of each variant on the same meta-batches, at each meta learning rate; held-out MSE.
+
+    Betty runs at the first rate only (cg_iterations 1 and ``cg_iters``, and 1 without gradient accumulation).
+    """
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     batches = [sample_tasks(cfg.meta_batch, cfg.k, cfg.k, gen) for _ in range(cfg.meta_steps)]
     ev = sample_tasks(cfg.eval_tasks, cfg.k, cfg.eval_points, torch.Generator().manual_seed(cfg.eval_seed))
     fn = bl.functional(make_net(cfg.hidden, cfg.seed))
-    rows = [{"method": "random init", "mse_10": adaptation_curve(fn, bl.parameters(make_net(cfg.hidden, cfg.seed)), ev,
-                                                                   cfg.inner_lr, cfg.eval_steps)[-1], "s_per_step": None}]
+    evaluate = lambda theta: adaptation_curve(fn, theta, ev, cfg.inner_lr, cfg.eval_steps)[-1]
+    rows = [{"method": "random init", "meta_lr": None, "mse_10": evaluate(bl.parameters(make_net(cfg.hidden, cfg.seed))),
+             "s_per_step": None}]
     variants: Dict[str, Any] = {
         f"bilevel iMAML CG({cfg.cg_iters})": ("imaml", lambda: bl.Implicit(bl.CG(maxiter=cfg.cg_iters))),
         "bilevel iMAML CG(1)": ("imaml", lambda: bl.Implicit(bl.CG(maxiter=1))),
         "bilevel first-order MAML": ("fomaml", None),
     }
-    for name, (method, strategy_fn) in variants.items():
-        theta, step = ours_meta_step(cfg, strategy_fn, method)
-        t0 = time.perf_counter()
-        for tasks in batches:
-            step(tasks)
-        secs = time.perf_counter() - t0
-        mse = adaptation_curve(fn, {n: p.detach() for n, p in theta.items()}, ev, cfg.inner_lr, cfg.eval_steps)[-1]
-        rows.append({"method": name, "mse_10": mse, "s_per_step": secs / cfg.meta_steps})
-        log(f"  {name}: MSE {mse:.3f} ({secs / cfg.meta_steps * 1e3:.0f} ms / meta-step)")
-    if betty:
-        for m in sorted({1, cfg.cg_iters}):
-            model = BettyIMAML(cfg, m)
-            secs = model.run(batches)
-            mse = adaptation_curve(fn, model.theta(), ev, cfg.inner_lr, cfg.eval_steps)[-1]
-            rows.append({"method": f"Betty iMAML cg_iterations={m}", "mse_10": mse, "s_per_step": secs / cfg.meta_steps})
-            log(f"  Betty cg_iterations={m}: MSE {mse:.3f} ({secs / cfg.meta_steps * 1e3:.0f} ms / meta-step)")
+    for k, lr in enumerate(lrs):
+        c = replace(cfg, meta_lr=lr)
+        for name, (method, strategy_fn) in variants.items():
+            theta, step = ours_meta_step(c, strategy_fn, method)
+            t0 = time.perf_counter()
+            for tasks in batches:
+                step(tasks)
+            secs = time.perf_counter() - t0
+            rows.append({"method": name, "meta_lr": lr, "mse_10": evaluate({n: p.detach() for n, p in theta.items()}),
+                         "s_per_step": secs / c.meta_steps})
+        for name, m, acc in [("Betty iMAML cg_iterations=1", 1, True),
+                             (f"Betty iMAML cg_iterations={c.cg_iters}", c.cg_iters, True),
+                             ("Betty iMAML cg_iterations=1, no gradient_accumulation", 1, False)]:
+            if betty and k == 0:
+                model = BettyIMAML(c, m, accumulate=acc)
+                secs = model.run(batches)
+                rows.append({"method": name, "meta_lr": lr, "mse_10": evaluate(model.theta()), "s_per_step": secs / c.meta_steps})
+        for r in rows[-(len(variants) + (3 if betty and k == 0 else 0)):]:
+            log(f"  lr {lr:g} {r['method']}: MSE {r['mse_10']:.3f} ({r['s_per_step'] * 1e3:.0f} ms / meta-step)")
     return rows
 
 
@@ -278,10 +288,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     betty = betty_available() and not args.no_betty
     if args.tiny:
         cfg = replace(Config.tiny(), meta_steps=2, meta_batch=4, imaml_steps=10, eval_tasks=20)
-        sizes, repeats, warmup = (2, 4), args.repeats or 2, 1
+        sizes, repeats, warmup, lrs = (2, 4), args.repeats or 2, 1, (1e-2,)
     else:
         cfg = replace(Config(), meta_steps=40)
-        sizes, repeats, warmup = (8, 32), args.repeats or 7, 1
+        # 1e-3: the MAML paper's rate (and, from its random-init and iMAML numbers, the issue's); 1e-2: faster
+        sizes, repeats, warmup, lrs = (8, 32), args.repeats or 7, 1, (1e-3, 1e-2)
     out = args.out or RESULTS_DIR / ("imaml_meta_step_tiny.json" if args.tiny else "imaml_meta_step.json")
     start, load0 = time.perf_counter(), load_average()
     print("timing (one meta-step):")
@@ -291,8 +302,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
                                betty)
     for r in grad_rows:
         print(f"  {r['method']:28s} cosine {r['cosine']:.3f}  norm ratio {r['norm_ratio']:.3f}")
-    print(f"learning ({cfg.meta_steps} meta-steps of B={cfg.meta_batch}, same batches):")
-    learn_rows = learning(cfg, betty)
+    print(f"learning ({cfg.meta_steps} meta-steps of B={cfg.meta_batch}, same batches, Adam lr {lrs}):")
+    learn_rows = learning(cfg, betty, lrs)
     data = {"config": asdict(cfg), "betty": betty, "timing": time_rows, "gradient_check": grad_rows,
             "learning": learn_rows, "machine": machine_info("cpu"), "loadavg_start": load0, "loadavg_end": load_average(),
             "wall_s": round(time.perf_counter() - start, 1)}
@@ -311,8 +322,9 @@ def _markdown(data: Dict) -> str:
                          r["betty_s"] * 1e3 if "betty_s" in r else None] for r in data["timing"]])
     g = markdown_table(["meta-gradient", "cosine to exact", "norm / exact", "relative error"],
                        [[r["method"], r["cosine"], r["norm_ratio"], r["rel_error"]] for r in data["gradient_check"]])
-    learn = markdown_table([f"after {cfg['meta_steps']} meta-steps (B={cfg['meta_batch']})", "held-out MSE, 10 steps",
-                            "s / meta-step"], [[r["method"], r["mse_10"], r["s_per_step"]] for r in data["learning"]])
+    learn = markdown_table([f"after {cfg['meta_steps']} meta-steps (B={cfg['meta_batch']})", "Adam lr",
+                            "held-out MSE, 10 steps", "s / meta-step"],
+                           [[r["method"], r["meta_lr"], r["mse_10"], r["s_per_step"]] for r in data["learning"]])
     m = data["machine"]
     return (f"iMAML meta-step, MLP 1-{cfg['hidden']}-{cfg['hidden']}-1, {cfg['imaml_steps']} lower steps, "
             f"CG({cfg['cg_iters']}), lambda={cfg['lam']}; {m['cpu_model']}, {m['torch_threads']} torch thread(s), "
