@@ -91,3 +91,9 @@ def test_no_application_imports_another(package: str) -> None:
            for p in sorted((ROOT / "applications" / package).rglob("*.py")) if _imported_packages(p) - allowed}
     assert sorted(bad) == []
 
+
+
+def test_no_application_source_file_is_over_450_lines() -> None:
+    sizes = {str(p.relative_to(ROOT)): len(p.read_text(encoding="utf-8").splitlines())
+             for p in sorted((ROOT / "applications").rglob("*.py"))}
+    assert {k: v for k, v in sizes.items() if v > 450} == {}

@@ -32,27 +32,26 @@ The learning-rate schedules are :func:`applications.adversarial.schedule.learnin
 from __future__ import annotations
 
 import copy
-import dataclasses
 import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Dict, List, Literal, Mapping, Optional, Sequence, Tuple, Type, Union
 
-import yaml
 from pydantic import Field, StrictBool, StrictInt, StrictStr, ValidationError, field_validator, model_validator
 
 from applications.common.config import (
     ConfigError,
     Real,
     Section,
-    as_float,
     check_options,
     describe_errors,
     did_you_mean,
-    init_fields,
 )
 from applications.common.yamlfile import collect_overrides, read_yaml
 from applications.vision.data import DATASETS, PATH_MUST_EXIST, PATH_REQUIRED
+
+from .methods import METHODS
+from .methods.options import dataclass_defaults, method_problems
 
 __all__ = [
     "AugmentConfig",
@@ -281,7 +280,7 @@ class Config(Section):
             return float(self.eval.eps)
         eps = self.method.options.get("eps")
         if eps is None:
-            eps = _dataclass_defaults(_method_class(self.method.name)).get("eps", 8 / 255)
+            eps = dataclass_defaults(METHODS.get(self.method.name)).get("eps", 8 / 255)
         return float(eps)
 
     def run_name(self) -> str:
@@ -305,65 +304,7 @@ _SECTIONS: Dict[str, Type[Section]] = {
 
 # ------------------------------------------------------------------------------------ error report
 
-# ------------------------------------------------------------------------------ options of classes
-
-
-def _method_class(name: str) -> Optional[type]:
-    from .methods import METHODS
-
-    return METHODS.get(name)
-
-
-def _dataclass_defaults(cls: Optional[type]) -> Dict[str, Any]:
-    if cls is None:
-        return {}
-    return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
-
-
 # ------------------------------------------------------------------------------ checks across keys
-
-
-def _flow(value: Any) -> str:
-    """``value`` as it reads in a one-line YAML mapping."""
-    return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
-
-
-def _method_problems(method: MethodConfig, problems: List[str]) -> Optional[Any]:
-    """The method's options through its dataclass (types, then its own range checks); the method or None."""
-    import bilevel
-
-    from .methods import METHODS, PRODUCTS, OptionError, build_method, check_eps
-
-    cls = METHODS.get(method.name)
-    if cls is None:
-        valid = sorted(METHODS)
-        problems.append(f"method.name: unknown method {method.name!r}{did_you_mean(method.name, valid)}; "
-                        f"valid: {', '.join(valid)}")
-        eps = as_float(method.options.get("eps", 0.0))
-        try:  # the one option every method has
-            check_eps("method", eps if eps is not None else method.options.get("eps"), allow_zero=True)
-        except OptionError as exc:
-            problems.append(f"method.eps: {exc.detail}")
-        return None
-    own = init_fields(cls)
-    others = {f for other in METHODS.values() if other is not cls for f in init_fields(other)}
-    hint = ""
-    if any(k not in own and k in others for k in method.options):  # options of another method
-        kept = ", ".join(f"{k}: {_flow(v)}" for k, v in method.options.items() if k in own)
-        hint = (f"; a config written for another method keeps its options when only method.name changes: "
-                f"replace the whole section, e.g. method={{name: {method.name}{', ' + kept if kept else ''}}}")
-    options, all_valid = check_options(cls, method.options, "method", f" for method {method.name!r}", problems,
-                                        hint, choices={bilevel.Products: PRODUCTS})
-    if not all_valid and len(options) == len(method.options):
-        return None  # a type error: the method's own checks would repeat it
-    method.options = options
-    try:
-        return build_method(method.name, **options)
-    except OptionError as exc:
-        problems.append(f"method.{exc.option}: {exc.detail}")
-    except (TypeError, ValueError) as exc:
-        problems.append(f"method: {exc}")
-    return None
 
 
 def _cross_problems(cfg: Dict[str, Any], problems: List[str]) -> None:
@@ -375,7 +316,7 @@ def _cross_problems(cfg: Dict[str, Any], problems: List[str]) -> None:
         elif data.name in PATH_MUST_EXIST and data.path and not os.path.exists(os.path.expanduser(data.path)):
             problems.append(f"data.path: {data.path!r} does not exist")
     method_cfg: Optional[MethodConfig] = cfg.get("method")
-    method = _method_problems(method_cfg, problems) if method_cfg is not None else None
+    method = method_problems(method_cfg, problems) if method_cfg is not None else None
     train: Optional[TrainConfig] = cfg.get("train")
     if method is not None and train is not None and train.compile and method.requires_double_backward:
         fix = " (or method.products=forward: the implicit gradient by differences)" if hasattr(method, "products") else ""

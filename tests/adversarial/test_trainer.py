@@ -260,12 +260,12 @@ def test_without_the_final_test_autoattack_is_off_with_a_note(tmp_path, capsys):
 
 def test_a_failing_autoattack_keeps_the_pgd_results(tmp_path, capsys, monkeypatch):
     pytest.importorskip("pyautoattack")
-    import applications.adversarial.trainer as trainer_mod
+    import applications.adversarial.final as final_mod
 
     def broken(*args, **kwargs):
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr(trainer_mod, "autoattack_accuracy", broken)
+    monkeypatch.setattr(final_mod, "autoattack_accuracy", broken)
     res = train(capsys, "--config", write_config(tmp_path, "aafail"), "train.epochs=1", "eval.autoattack_n=30")
     assert res.rc == 0 and "AutoAttack failed (RuntimeError: out of memory)" in res.out
     best = json.loads((tmp_path / "aafail" / "results.json").read_text())["test"]["best"]
