@@ -2,7 +2,7 @@ r"""The differentiable entry points: :func:`solve` and :func:`value_and_hypergra
 
 from __future__ import annotations
 
-from typing import Callable, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import nn
@@ -31,7 +31,7 @@ def _check_inputs(lower: LowerProblem, x: Tree, init: Tree, strategy: Strategy) 
     lower.check(init)
 
 
-def solve(lower: LowerProblem, x: Tree, init: Tree, strategy: Strategy, *, check_finite: bool = True) -> Tree:
+def solve(lower: LowerProblem, x: Tree, init: Tree, strategy: Strategy, *, check_finite: Optional[bool] = None) -> Tree:
     r"""Solve the lower problem at ``x`` from ``init`` and return :math:`y^\star(x)`, differentiable in ``x``.
 
     The autograd graph from the returned tree to ``x`` is the one the strategy defines, so
@@ -51,8 +51,10 @@ def solve(lower: LowerProblem, x: Tree, init: Tree, strategy: Strategy, *, check
             :func:`bilevel.functional`).
         strategy: :class:`~bilevel.Implicit`, :class:`~bilevel.Unrolled`, :class:`~bilevel.Linearized`
             or :class:`~bilevel.FirstOrder`.
-        check_finite: raise ``FloatingPointError`` if the solution has NaN or Inf. This reads one boolean
-            from the device (a host sync); pass ``False`` in GPU training loops that check the loss instead.
+        check_finite: raise ``FloatingPointError`` if the solution has NaN or Inf. ``None`` (default): check
+            when the solution lives on the CPU, where reading a boolean costs nothing, and not on an accelerator,
+            where it would be a host synchronization per call, the one a training loop otherwise avoids
+            (check the loss every N steps instead). ``True`` checks everywhere, ``False`` nowhere.
     """
     if isinstance(x, nn.Module):
         x = parameters(x, detach=False)
@@ -60,8 +62,10 @@ def solve(lower: LowerProblem, x: Tree, init: Tree, strategy: Strategy, *, check
         init = parameters(init)
     _check_inputs(lower, x, init, strategy)
     y = strategy.solve(lower, x, init)
+    y_flat, _ = leaves(y)
+    if check_finite is None:
+        check_finite = all(t.device.type == "cpu" for t in y_flat)
     if check_finite:
-        y_flat, _ = leaves(y)
         if not is_functorch_mode(y_flat) and not bool(torch.isfinite(to_vector([t.detach() for t in y_flat])).all()):
             raise FloatingPointError(
                 f"solve: the lower solution contains NaN or Inf (solver {lower.solver!r}, strategy {strategy!r}); "

@@ -33,7 +33,8 @@ class StocBiO(StochasticImplicit):
 
     Args:
         batches: the source of the lower batches :math:`B_k, B'` (``g(x, y, batch)``).
-        steps: :math:`Q`, the number of terms.
+        steps: :math:`Q`, the number of Neumann *terms*: :math:`Q - 1` Hessian-vector products. benchopt's
+            ``n_shia_steps`` and the paper's loop count products: ``steps = n_shia_steps + 1``.
         step_size: :math:`\eta < 2 / L`; damping, mask_tol, residual: see :class:`StochasticImplicit`.
 
     Attributes:

@@ -2,7 +2,8 @@ r"""No host synchronization inside the solver and linear-solver loops (CUDA only
 
 ``torch.cuda.set_sync_debug_mode("error")`` turns every device-to-host synchronization into an error,
 so the fixed-step solvers, CG, Neumann and every strategy's forward and backward must get through
-without one (with ``check_finite=False`` and ``check=False`` bounds, the documented GPU settings).
+without one (with ``check=False`` bounds and ``Implicit(check=None)``; ``solve``'s default ``check_finite=None``
+does not check on an accelerator, and the default ``ConvergenceCheck`` syncs only on its checked solves).
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ def _problem(device: str):
     return g, constraint, torch.randn(m, device=device), torch.zeros(2, n, device=device)
 
 
-@pytest.mark.parametrize("strategy", [bl.Implicit(bl.CG(maxiter=30)), bl.Implicit(bl.Neumann(steps=10, alpha=0.2)),
+@pytest.mark.parametrize("strategy", [bl.Implicit(bl.CG(maxiter=30), check=None),
+                                      bl.Implicit(bl.Neumann(steps=10, alpha=0.2), check=None),
                                       bl.Unrolled(), bl.Unrolled(truncate=2), bl.Linearized(0.2),
                                       bl.Linearized(0.2, lam=10.0), bl.Linearized(0.05, sign=True), bl.FirstOrder()],
                          ids=["cg", "neumann", "unrolled", "truncated", "linearized", "linearized-lam", "sign", "first"])
@@ -136,3 +138,21 @@ def test_no_sync_in_warm_started_cg():
         finally:
             torch.cuda.set_sync_debug_mode(0)
     assert strategy.last_solution is not None and torch.isfinite(x.grad).all()
+
+
+def test_defaults_sync_only_on_the_checked_solves():
+    """solve's default check_finite skips the finiteness read on CUDA; Implicit's default ConvergenceCheck reads on
+    solve 1 and solve 100, and nowhere in between."""
+    g, constraint, x0, init = _problem("cuda")
+    lower = bl.LowerProblem(g, constraint=constraint, solver=bl.ProjectedGradient(0.2, 10))
+    strategy = bl.Implicit(bl.CG(maxiter=30))
+    x = x0.clone().requires_grad_()
+    ((bl.solve(lower, x, init, strategy) - 0.1) ** 2).sum().backward()  # solve 1: checked, syncs
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2, 100):
+            ((bl.solve(lower, x, init, strategy) - 0.1) ** 2).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert strategy.solves == 99

@@ -55,3 +55,27 @@ def test_f2sa_rejects_a_nonpositive_penalty():
     P = stochastic_quadratic()
     with pytest.raises(ValueError, match="lam"):
         bl.F2SA(bl.LowerProblem(P.g), P.f, lam=0.0)
+
+
+def test_benchopt_configuration_options_follow_the_reference_update():
+    """Separate y and z steps, the unscaled y-step and a lambda schedule, against the update written out by hand."""
+    P = stochastic_quadratic()
+    sched = lambda t: 2.0 + 0.5 * t  # noqa: E731
+    algo = bl.F2SA(bl.LowerProblem(P.g), P.f, step_size=0.3, y_step_size=lambda t: 0.05 / (t + 1), z_step_size=0.2,
+                   scale_y_step=False, lam_schedule=sched)
+    x, state = torch.randn(P.m), algo.init(torch.zeros(P.n))
+    y, z = state.y.clone(), state.z.clone()
+    grad = lambda fn, a, b, i: torch.func.grad(fn, argnums=i)(a, b)  # noqa: E731
+    for t in range(4):
+        lam = sched(t)
+        assert state.lam == lam
+        d = algo.step(x, state)
+        z_ref = z - 0.2 * grad(P.g, x, z, 1)
+        y_ref = y - (0.05 / (t + 1)) * (grad(P.f, x, y, 1) + lam * grad(P.g, x, y, 1))
+        d_ref = grad(P.f, x, y, 0) + lam * (grad(P.g, x, y, 0) - grad(P.g, x, z, 0))
+        torch.testing.assert_close(state.z, z_ref, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(state.y, y_ref, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(d, d_ref, rtol=1e-12, atol=1e-14)
+        y, z = y_ref, z_ref
+    with pytest.raises(ValueError, match="lam_schedule returned"):
+        bl.F2SA(bl.LowerProblem(P.g), P.f, lam_schedule=lambda t: -1.0).init(torch.zeros(P.n))
