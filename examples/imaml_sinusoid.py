@@ -299,10 +299,12 @@ def _plot(data: Dict, path: Path) -> Optional[Path]:
         return None
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
     steps = data["config"]["eval_steps"]
+    colors = {"random_init": "gray", "imaml": "C0", "maml": "C1", "fomaml": "C2"}
     for name, res in data["methods"].items():
-        a.plot(range(steps + 1), res["final_mse_by_steps"], marker="o", ms=3, label=name)
+        a.plot(range(steps + 1), res["final_mse_by_steps"], marker="o", ms=3, label=name, color=colors.get(name))
         if "curve" in res:
-            b.plot([c["meta_step"] for c in res["curve"]], [c["mse_10"] for c in res["curve"]], label=name)
+            b.plot([c["meta_step"] for c in res["curve"]], [c["mse_10"] for c in res["curve"]], label=name,
+                   color=colors.get(name))
     b.axhline(data["methods"]["random_init"]["final_mse_by_steps"][-1], color="gray", ls="--", label="random_init")
     a.set(xlabel="adaptation steps (gradient, step alpha)", ylabel="held-out MSE", yscale="log",
           title="after meta-training")
