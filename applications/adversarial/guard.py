@@ -203,7 +203,8 @@ def check_run_dir(tr: Trainer) -> None:
 
 def open_run_dir(tr: Trainer) -> None:
     """Once the run is ready to train (data loaded, model built, checkpoint accepted): clears an
-    overwritten run, removes temporaries of killed writes, writes config.yaml."""
+    overwritten run, removes temporaries of killed writes, writes config.yaml (a resumed run's keeps
+    the checkpoint's config until the first epoch under the new one is saved: :func:`write_epoch`)."""
     if not tr.resume and tr.cfg.output.overwrite:
         for name in RUN_FILES:
             p = tr.run_dir / name
@@ -215,7 +216,14 @@ def open_run_dir(tr: Trainer) -> None:
     tr.run_dir.mkdir(parents=True, exist_ok=True)
     for p in remove_stale_temporaries(tr.run_dir):
         tr.notes.append(f"removed {p.name}, left by a write that was killed")
-    write_text(tr.run_dir / "config.yaml", yaml.safe_dump(config_to_dict(tr.cfg), sort_keys=False))
+    if not tr.resume:
+        _write_config(tr.run_dir, config_to_dict(tr.cfg))
+    elif not (tr.run_dir / "config.yaml").is_file():
+        _write_config(tr.run_dir, tr.resumed_config)
+
+
+def _write_config(run_dir: Path, config: Mapping[str, Any]) -> None:
+    write_text(run_dir / "config.yaml", yaml.safe_dump(dict(config), sort_keys=False))
 
 
 def load_resume(tr: Trainer) -> None:
@@ -224,7 +232,7 @@ def load_resume(tr: Trainer) -> None:
     path = tr.run_dir / "last.pt"
     ck = ckpt_lib.load(path, map_location="cpu")
     ckpt_lib.check_run_kind(ck, RUN_KIND, path)
-    stored = ck.get("config")
+    stored = tr.resumed_config = ck.get("config")
     if not isinstance(stored, dict):
         raise ckpt_lib.CheckpointError(f"{path} stores no config; it cannot be resumed")
     new = config_to_dict(tr.cfg)
@@ -353,14 +361,16 @@ def save_best(tr: Trainer, record: Dict[str, Any]) -> None:
 
 
 def write_epoch(tr: Trainer, record: Dict[str, Any], rng: List[Dict[str, Any]]) -> None:
-    """Rank 0: the epoch's metrics, plot, scalars, last.pt and (a best epoch) best.pt, in this order
-    (:func:`reconcile_best` repairs a kill between the last two)."""
+    """Rank 0: the epoch's metrics, plot, scalars, config.yaml, last.pt and (a best epoch) best.pt, in this
+    order (:func:`check_config_file` accepts a config.yaml one resume ahead of last.pt; :func:`reconcile_best`
+    repairs a kill between the last two)."""
     cfg = tr.cfg
     write_metrics(tr.run_dir, tr.history, METRIC_FIELDS)
     write_plot(tr.run_dir / "plot.png", tr.history, f"{cfg.method.name} / {cfg.model.name} / "
                 f"{cfg.data.name}, eps {cfg.eps:.4g}")
     if tr.scalars is not None:
         tr.scalars.add(record)
-    save_last(tr, rng)  # first: a kill before best.pt is repaired from last.pt (reconcile_best)
+    _write_config(tr.run_dir, config_to_dict(tr.cfg))  # before last.pt: the file may run ahead, never behind
+    save_last(tr, rng)  # then: a kill before best.pt is repaired from last.pt (reconcile_best)
     if record["is_best"]:
         save_best(tr, record)

@@ -197,6 +197,7 @@ class Trainer:
         self.wall_before = 0.0  # wall time of the processes before this one (resumed runs)
         self._resumed_from: Optional[Path] = None
         self.config_changes: List[Dict[str, Any]] = []  # the resumes that changed the config
+        self.resumed_config: Dict[str, Any] = {}  # the config stored in the resumed last.pt
         self._rewrite_best = False
 
     # ----------------------------------------------------------------------------------- checkpoints

@@ -168,3 +168,16 @@ def test_an_interrupt_mid_epoch_keeps_a_resumable_checkpoint(tmp_path, reference
     assert final["epoch"] == reference["epoch"] == 4
     for k, v in reference["model"].items():
         assert torch.equal(v, final["model"][k]), k  # replay: the resumed run is the uninterrupted one
+
+
+def test_config_yaml_changes_only_with_the_first_epoch_saved_under_the_new_config(tmp_path, capsys):
+    """A resume with new options that stops before saving an epoch leaves config.yaml as last.pt's config."""
+    run = _finished(tmp_path, capsys)
+    res = train(capsys, "--resume", run, "train.epochs=2", "train.lr_max=0.1", "train.max_weight=1e-6")
+    assert res.rc == 3 and "train.max_weight" in res.err  # diverged: epoch 2 was not saved
+    on_disk = yaml.safe_load((run / "config.yaml").read_text())["train"]
+    assert (on_disk["lr_max"], on_disk["max_weight"]) == (0.2, 1e4) == (
+        load(run / "last.pt")["config"]["train"]["lr_max"], load(run / "last.pt")["config"]["train"]["max_weight"])
+    res = train(capsys, "--resume", run, "train.epochs=2")
+    assert res.rc == 0, res.err
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["epochs"] == 2
