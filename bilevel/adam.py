@@ -27,7 +27,7 @@ from typing import Any, Callable, Optional, Tuple
 from ._autodiff import detach_tree
 from ._tree import Tree, tree_map
 from .problem import LowerProblem
-from .solvers import Solver, check_steps
+from .solvers import Solver, check_steps, with_weight_decay
 from .stochastic.batches import BatchSource, as_batches
 
 __all__ = ["Adam"]
@@ -96,6 +96,10 @@ class Adam(Solver):
             return t - self.step_size * (a / c1) / ((s / c2 + self.eps_root).sqrt() + self.eps)
 
         return lower.project(tree_map(move, y, m, v)), (m, v)
+
+    def minimized(self, lower: LowerProblem) -> LowerProblem:
+        """``lower`` plus the weight decay's L2 term: what this solver's fixed points minimize."""
+        return with_weight_decay(lower, self.weight_decay)
 
     def run(self, lower: LowerProblem, x: Tree, init: Tree, *, differentiable_steps: int = 0) -> Tree:
         n_plain = max(self.steps - differentiable_steps, 0)

@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional
 from ._autodiff import detach_tree
 from ._tree import Tree, tree_map
 from .problem import LowerProblem
-from .solvers import Solver, check_steps
+from .solvers import Solver, check_steps, with_weight_decay
 from .stochastic.batches import BatchSource, as_batches
 
 __all__ = ["SGD"]
@@ -90,6 +90,10 @@ class SGD(Solver):
             d = tree_map(lambda e, b: e + self.momentum * b, d, buf) if self.nesterov else buf
         y_new = lower.project(tree_map(lambda t, e: t - self.step_size * e, y, d))
         return y_new, buf
+
+    def minimized(self, lower: LowerProblem) -> LowerProblem:
+        """``lower`` plus the weight decay's L2 term: what this solver's fixed points minimize."""
+        return with_weight_decay(lower, self.weight_decay)
 
     def run(self, lower: LowerProblem, x: Tree, init: Tree, *, differentiable_steps: int = 0) -> Tree:
         n_plain = max(self.steps - differentiable_steps, 0)

@@ -9,16 +9,17 @@ without a graph and the last ``T`` with one (``create_graph=True``), which is wh
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable, Optional
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Optional
 
 import torch
 
 from ._autodiff import detach_tree
-from ._tree import Tree, tree_map
+from ._tree import Tree, leaves, tree_map
 from .problem import LowerProblem
 
-__all__ = ["Solver", "GradientDescent", "ProjectedGradient", "SignedProjectedGradient", "ClosedForm", "check_steps"]
+__all__ = ["Solver", "GradientDescent", "ProjectedGradient", "SignedProjectedGradient", "ClosedForm", "check_steps",
+           "with_weight_decay"]
 
 
 class Solver:
@@ -40,6 +41,26 @@ class Solver:
         for _ in range(self.steps - n_plain):
             y = self.step(lower, x, y, create_graph=True)
         return y
+
+    def minimized(self, lower: LowerProblem) -> LowerProblem:
+        """The problem whose solutions this solver converges to: ``lower`` itself, or ``lower`` plus the L2
+        term of a weight decay the solver adds to the gradient. :class:`~bilevel.Implicit` differentiates it."""
+        return lower
+
+
+def with_weight_decay(lower: LowerProblem, weight_decay: float) -> LowerProblem:
+    r"""``lower`` with :math:`\tfrac{\omega}{2}\lVert y\rVert^2` added to its objective (``weight_decay`` :math:`\omega`).
+
+    A solver that adds :math:`\omega y` to every gradient (``torch.optim.SGD`` and ``Adam``'s ``weight_decay``)
+    converges to the stationary points of this objective, not of :math:`g`."""
+    if not weight_decay:
+        return lower
+    objective = lower.objective
+
+    def decayed(x: Tree, y: Tree, *batch: Any) -> torch.Tensor:
+        return objective(x, y, *batch) + 0.5 * weight_decay * sum((t * t).sum() for t in leaves(y)[0])
+
+    return replace(lower, objective=decayed)
 
 
 def check_steps(name: str, steps: int, step_size: Optional[float] = None) -> None:

@@ -9,7 +9,7 @@ import torch
 from ._autodiff import detach_tree
 from ._tree import Tree, leaves, unflatten
 from .problem import LowerProblem
-from .solvers import Solver, check_steps
+from .solvers import Solver, check_steps, with_weight_decay
 from .stochastic.batches import BatchSource, as_batches
 from .stochastic.parallel import DataParallel, mean_over
 
@@ -58,6 +58,15 @@ class TorchOptim(Solver):
 
     def step(self, lower: LowerProblem, x: Tree, y: Tree, *, create_graph: bool) -> Tree:
         raise TypeError(_NOT_DIFFERENTIABLE)
+
+    def minimized(self, lower: LowerProblem) -> LowerProblem:
+        """``lower`` plus the L2 term of ``weight_decay`` for ``torch.optim.SGD``, ``Adam``, ``RMSprop`` and ``Adagrad``,
+        which add it to the gradient; other optimizers' decay (``AdamW``'s decoupled one) is not a term of the
+        objective, and its fixed points are not differentiated by :class:`~bilevel.Implicit`."""
+        decay = float(self.options.get("weight_decay", 0.0) or 0.0)
+        if decay and self.optimizer in (torch.optim.SGD, torch.optim.Adam, torch.optim.RMSprop, torch.optim.Adagrad):
+            return with_weight_decay(lower, decay)
+        return lower
 
     def run(self, lower: LowerProblem, x: Tree, init: Tree, *, differentiable_steps: int = 0) -> Tree:
         if differentiable_steps:

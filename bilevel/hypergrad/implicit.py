@@ -157,6 +157,12 @@ def implicit_solution(strategy: Any, lower: LowerProblem, x: Tree, init: Tree) -
     return unflatten(list(y_flat), y_spec)
 
 
+def _minimized(lower: LowerProblem) -> LowerProblem:
+    """The problem the solver's fixed points solve (``lower`` plus a weight decay's L2 term), for the backward pass."""
+    minimized = getattr(lower.solver, "minimized", None)
+    return lower if minimized is None else minimized(lower)
+
+
 class _ImplicitSolution(torch.autograd.Function):
     """y* = solver(x, init) in the forward pass; the implicit vector-Jacobian product in the backward pass."""
 
@@ -174,7 +180,7 @@ class _ImplicitSolution(torch.autograd.Function):
         if strategy.residual is not None:
             strategy.last_residual = plain_values(strategy.residual(lower, x, y_tree))
         if checking:
-            residual = strategy.check.lower(lower, x, init, y_tree)
+            residual = strategy.check.lower(_minimized(lower), x, init, y_tree)
             if residual is not None and strategy.residual is None:
                 strategy.last_residual = residual
         return tuple(t.detach() for t in y_flat)
@@ -201,7 +207,7 @@ class _ImplicitSolution(torch.autograd.Function):
                 "for second derivatives"
             )
         v_flat = [torch.zeros_like(y) if v is None else v for v, y in zip(v_flat, y_flat)]
-        grads = strategy.backward(lower, x_flat, x_spec, y_flat, y_spec, v_flat)
+        grads = strategy.backward(_minimized(lower), x_flat, x_spec, y_flat, y_spec, v_flat)
         if checking:
             strategy.check.linear(strategy.last_info)
         return (None, *grads, *([None] * ctx.n_init))

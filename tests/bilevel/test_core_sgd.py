@@ -122,3 +122,21 @@ def test_distance_is_exclusive_with_h_and_scale():
         bl.CentralDifference(h=1e-3, distance=0.01)
     with pytest.raises(ValueError, match="distance"):
         bl.ForwardDifference(distance=-1.0)
+
+
+@pytest.mark.parametrize("make", [lambda wd: bl.SGD(0.2, 400, momentum=0.5, weight_decay=wd),
+                                  lambda wd: bl.Adam(0.02, 1500, weight_decay=wd),
+                                  lambda wd: bl.TorchOptim(torch.optim.SGD, 400, lr=0.2, weight_decay=wd)],
+                         ids=["sgd", "adam", "torch-optim-sgd"])
+def test_implicit_differentiates_the_problem_the_weight_decay_solves(make):
+    """A solver with weight decay omega converges to a stationary point of g + omega/2 |w|^2, not of g: Implicit
+    differentiates that problem (against the closed form on ridge regression, float64)."""
+    X, Y, Xv, Yv = torch.randn(30, 4), torch.randn(30), torch.randn(20, 4), torch.randn(20)
+    g = lambda lam, w: 0.5 * ((X @ w - Y) ** 2).mean() + 0.5 * (lam * w * w).sum()
+    f = lambda w: 0.5 * ((Xv @ w - Yv) ** 2).mean()
+    wd, lam = 0.3, torch.full((4,), 0.1, requires_grad=True)
+    f(bl.solve(bl.LowerProblem(g, solver=make(wd)), lam, torch.zeros(4), bl.Implicit(bl.DenseSolve()))).backward()
+    A = X.T @ X / 30 + torch.diag(lam.detach() + wd)
+    w = torch.linalg.solve(A, X.T @ Y / 30)
+    exact = -w * torch.linalg.solve(A, Xv.T @ (Xv @ w - Yv) / 20)
+    torch.testing.assert_close(lam.grad, exact, rtol=1e-8, atol=1e-10)
