@@ -60,14 +60,14 @@ def _has_matplotlib() -> bool:
 
 @pytest.mark.parametrize("method", METHODS)
 def test_vmapped_meta_gradient_equals_the_loop_in_float64(method: str) -> None:
-    # lambda = 8: H + lambda I is well conditioned on these tasks and CG(30) solves the systems, so the result does
-    # not depend on rounding. With the recipe's lambda = 4 the lower solve on a ReLU net is rounding-sensitive (it
+    # lambda = 8: H + lambda I is well conditioned on these tasks and CG(20) solves the systems (vmap and loop agree
+    # to 1e-11 relative). With the recipe's lambda = 4 the lower solve on a ReLU net is rounding-sensitive (it
     # stalls near kinks): vmap and loop, whose batched kernels round differently, then differ by 1e-9 to 1e-5
     # relative in float64 on the same tasks; that is the problem's conditioning, not the transform.
-    cfg = replace(Config(), lam=8.0, imaml_step=0.01, imaml_steps=60, cg_iters=30, maml_steps=3)
+    cfg = replace(Config(), lam=8.0, imaml_step=0.01, imaml_steps=30, cg_iters=20, maml_steps=3)
     net = make_net(cfg.hidden, seed=3, dtype=torch.float64)
     fn, theta = bl.functional(net), bl.parameters(net)
-    tasks = sample_tasks(4, cfg.k, cfg.k, torch.Generator().manual_seed(5), dtype=torch.float64)
+    tasks = sample_tasks(3, cfg.k, cfg.k, torch.Generator().manual_seed(5), dtype=torch.float64)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", bl.HypergradientWarning)
         batched, loss_b = meta_gradient(method, cfg, fn, theta, tasks)
