@@ -103,7 +103,7 @@ class Adam(Solver):
 
     def run(self, lower: LowerProblem, x: Tree, init: Tree, *, differentiable_steps: int = 0) -> Tree:
         n_plain = max(self.steps - differentiable_steps, 0)
-        y, moments = detach_tree(init), None
+        y, moments = (init if n_plain == 0 else detach_tree(init)), None  # see Solver.run
         x_plain = detach_tree(x)
         for k in range(self.steps):
             graph = k >= n_plain

@@ -97,7 +97,7 @@ class SGD(Solver):
 
     def run(self, lower: LowerProblem, x: Tree, init: Tree, *, differentiable_steps: int = 0) -> Tree:
         n_plain = max(self.steps - differentiable_steps, 0)
-        y, buf = detach_tree(init), None
+        y, buf = (init if n_plain == 0 else detach_tree(init)), None  # see Solver.run
         x_plain = detach_tree(x)
         for _ in range(n_plain):
             y, buf = self._update(lower, x_plain, y, buf, False)

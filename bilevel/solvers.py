@@ -34,7 +34,8 @@ class Solver:
     def run(self, lower: LowerProblem, x: Tree, init: Tree, *, differentiable_steps: int = 0) -> Tree:
         """Run ``self.steps`` iterations from ``init``; the last ``differentiable_steps`` keep a graph."""
         n_plain = max(self.steps - differentiable_steps, 0)
-        y = detach_tree(init)
+        # a full unroll differentiates through init too (MAML: init = theta); a truncated one starts from a constant
+        y = init if n_plain == 0 else detach_tree(init)
         x_plain = detach_tree(x)
         for _ in range(n_plain):
             y = self.step(lower, x_plain, y, create_graph=False)

@@ -20,8 +20,11 @@ class Unrolled(Strategy):
 
     With :math:`K` steps from an ``x``-independent start, autograd computes
     :math:`\mathrm{d}y_K/\mathrm{d}x = \sum_{k<K} \big(\prod_{j>k} \partial_y \Phi_j\big) \partial_x \Phi_k` exactly.
-    ``truncate=T`` keeps only the last :math:`T` steps in the graph (truncated backpropagation): the first
-    :math:`K-T` run without a graph and their output is treated as a constant start.
+    When every step is unrolled the graph starts at ``init`` itself, so a start that depends on the upper
+    variable is differentiated too: MAML's ``solve(lower, theta, theta, Unrolled())`` gets
+    :math:`\prod_j \partial_y \Phi_j` through its start. ``truncate=T`` keeps only the last :math:`T` steps in
+    the graph (truncated backpropagation): the first :math:`K-T` run without a graph and their output is
+    treated as a constant start.
 
     Cost: memory grows linearly with the number of differentiated steps, each of which also needs a
     double backward at backward time.

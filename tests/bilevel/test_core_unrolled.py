@@ -116,3 +116,38 @@ def test_unrolled_projected_and_signed_steps_match_autograd_of_the_loop():
     signed = bl.LowerProblem(g, constraint=bl.Box(lo, hi), solver=bl.SignedProjectedGradient(0.05, 3))
     J_sign = _jacobian(signed, x0, init, bl.Unrolled())
     assert torch.equal(J_sign, torch.zeros(4, 3))  # sign has zero derivative
+
+
+def test_a_full_unroll_differentiates_through_init_as_maml_needs():
+    """MAML: w_K = K gradient steps from theta; dw_K/dtheta = prod (1 - a g'') through the start (a truncated unroll
+    treats its start as a constant: no gradient through init)."""
+    lower = bl.LowerProblem(lambda x, w: ((w - 3.0) ** 2).sum(), solver=bl.GradientDescent(0.1, 5))
+    theta = torch.tensor([1.0], requires_grad=True)
+    bl.solve(lower, theta, theta, bl.Unrolled()).sum().backward()
+    torch.testing.assert_close(theta.grad, torch.tensor([0.8 ** 5]), rtol=1e-14, atol=0.0)
+    got = torch.func.grad(lambda th: bl.solve(lower, th, th, bl.Unrolled()).sum())(torch.tensor([1.0]))
+    torch.testing.assert_close(got, torch.tensor([0.8 ** 5]), rtol=1e-14, atol=0.0)
+    for solver in (bl.SGD(0.1, 5, momentum=0.5), bl.Adam(0.1, 5)):
+        lower = bl.LowerProblem(lambda x, w: ((w - 3.0) ** 2).sum() + 0.1 * (w * x).sum(), solver=solver)
+        ref = torch.func.grad(lambda th, solver=solver: _loop_from(solver, th))(torch.tensor([1.0]))
+        got = torch.func.grad(lambda th, lower=lower: bl.solve(lower, th, th, bl.Unrolled()).sum())(torch.tensor([1.0]))
+        torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-14)
+    theta = torch.tensor([1.0], requires_grad=True)
+    truncated = bl.LowerProblem(lambda x, w: ((w - 3.0) ** 2).sum(), solver=bl.GradientDescent(0.1, 5))
+    w = bl.solve(truncated, theta, theta, bl.Unrolled(truncate=2))
+    # g does not involve theta, and the truncated start is a constant: nothing reaches theta
+    assert torch.autograd.grad(w.sum(), theta, allow_unused=True) == (None,)
+
+
+def _loop_from(solver, th):
+    """The same solver's updates written out, from init = th, with f's x = th."""
+    w, buf, m, v = th, None, 0.0, 0.0
+    for k in range(5):
+        d = 2 * (w - 3.0) + 0.1 * th
+        if isinstance(solver, bl.SGD):
+            buf = d if buf is None else 0.5 * buf + d
+            w = w - 0.1 * buf
+        else:
+            m, v = 0.9 * m + 0.1 * d, 0.999 * v + 0.001 * d * d
+            w = w - 0.1 * (m / (1 - 0.9 ** (k + 1))) / (torch.sqrt(v / (1 - 0.999 ** (k + 1)) + 1e-16) + 1e-8)
+    return w.sum()
