@@ -140,9 +140,9 @@ def task_loss(method: str, cfg: Config, fn: Callable, theta: Params, xs: torch.T
         lower = bl.LowerProblem(g, solver=bl.GradientDescent(cfg.imaml_step, cfg.imaml_steps))
         strategy = strategy if strategy is not None else bl.Implicit(bl.CG(maxiter=cfg.cg_iters))
     elif method == "maml":
-        # The solvers start from a detached init (Unrolled differentiates the steps, not the start), so the
-        # lower variable is the displacement d = w - theta: d_{k+1} = d_k - alpha grad L^s(theta + d_k), d_0 = 0,
-        # the same iterates as MAML's w_k = theta + d_k, with theta inside g where Unrolled differentiates it.
+        # The lower variable is the displacement d = w - theta: d_{k+1} = d_k - alpha grad L^s(theta + d_k), d_0 = 0,
+        # the same iterates as MAML's w_k = theta + d_k. (A full Unrolled also differentiates through init, so
+        # solve(lower, theta, theta, Unrolled()) on L^s(w) is equivalent; this form produced the committed numbers.)
         lower = bl.LowerProblem(lambda th, d: _mse(fn, _shift(th, d), xs, ys), solver=bl.SGD(cfg.inner_lr, cfg.maml_steps))
         d = bl.solve(lower, theta, {n: torch.zeros_like(t) for n, t in theta.items()}, bl.Unrolled(), check_finite=False)
         return _mse(fn, _shift(theta, d), xq, yq)
