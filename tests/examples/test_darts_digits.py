@@ -130,4 +130,4 @@ def test_the_tiny_search_runs_every_variant_and_writes_its_results(tmp_path):
     assert result["variants"]["implicit"]["cg"]["relative_residual"]["n"] >= 1
     for key in ("relu_float32_rel_err", "relu_float64_cos", "smooth_float64_term_rel_err"):
         assert result["fd_vs_exact"][key]["n"] >= 1
-    assert {"cpu", "loadavg_start", "loadavg_end", "wall_s"} <= set(result["machine"])
+    assert {"cpu", "loadavg_start", "loadavg_end", "wall_s", "cpu_s"} <= set(result["machine"])
