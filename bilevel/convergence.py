@@ -111,8 +111,11 @@ class ConvergenceCheck:
             )
         return r_end
 
-    def linear(self, info: Any) -> None:
-        """Test the linear solve's relative residual and, for CG, the smallest curvature it met."""
+    def linear(self, info: Any, damping: float = 0.0) -> None:
+        """Test the linear solve's relative residual and, for CG, the smallest curvature it met.
+
+        ``damping`` is the :math:`\rho` the system was damped with: CG measures :math:`H + \rho I`, so a
+        curvature ``c`` bounds :math:`H`'s smallest eigenvalue by :math:`c - \rho`."""
         if info is None:
             return
         rel = plain_values(info.relative_residual)
@@ -127,9 +130,10 @@ class ConvergenceCheck:
         if curv is not None and bool((curv <= 0).any()):
             low = float(curv.min())
             where = f" in {int((curv <= 0).sum())} of {n} tasks" if n > 1 else ""
-            problems.append(f"CG met non-positive curvature p'Hp/p'p = {low:.3g}{where}, so the lower Hessian is not "
+            system = "p'(H + damping I)p/p'p" if damping else "p'Hp/p'p"
+            problems.append(f"CG met non-positive curvature {system} = {low:.3g}{where}, so the lower Hessian H is not "
                             f"positive definite at y* (not a minimum, or a non-convex g); its smallest eigenvalue is at "
-                            f"most {low:.3g}, so damping must exceed {-low:.3g} at least")
+                            f"most {low - damping:.3g}, so damping must exceed {damping - low:.3g} at least")
         if problems:
             self._report("Implicit: the linear system of the implicit hypergradient is not solved: " + "; ".join(problems)
                          + ". Solve the lower problem further (smaller inner step, more steps), add damping=, or raise "

@@ -89,7 +89,12 @@ class Implicit(Strategy):
         check_products("Implicit", self.products)
 
     def solve(self, lower: LowerProblem, x: Tree, init: Tree) -> Tree:
-        self._solver(lower, "Implicit")
+        solver = self._solver(lower, "Implicit")
+        if getattr(solver, "batches", None) is not None and not _takes_two_arguments(lower.objective):
+            raise TypeError(
+                "Implicit: the solver draws mini-batches (g(x, y, batch)), but Implicit's backward pass linearizes the "
+                "full objective g(x, y); give g a default batch meaning the full data (def g(x, y, batch=None)), or use "
+                "a stochastic strategy (AmIGO, StocBiO) whose backward pass draws its own batches")
         return implicit_solution(self, lower, x, init)
 
     def backward(self, lower: LowerProblem, x_flat: List[torch.Tensor], x_spec: Any, y_flat: List[torch.Tensor],
@@ -121,6 +126,17 @@ def _plain_info(info: LinearSolveInfo) -> LinearSolveInfo:
 
     return LinearSolveInfo(plain(info.residual_norm), plain(info.rhs_norm), info.iterations,
                            plain(getattr(info, "min_curvature", None)))
+
+
+def _takes_two_arguments(fn: Callable[..., Any]) -> bool:
+    """Whether ``fn(x, y)`` binds (``True`` when the signature cannot be read)."""
+    try:
+        inspect.signature(fn).bind(None, None)
+    except TypeError:
+        return False
+    except ValueError:  # no signature (a builtin): let the call decide
+        return True
+    return True
 
 
 def masked_operator(product: Callable[[torch.Tensor], torch.Tensor], mask: Optional[torch.Tensor],
@@ -209,7 +225,7 @@ class _ImplicitSolution(torch.autograd.Function):
         v_flat = [torch.zeros_like(y) if v is None else v for v, y in zip(v_flat, y_flat)]
         grads = strategy.backward(_minimized(lower), x_flat, x_spec, y_flat, y_spec, v_flat)
         if checking:
-            strategy.check.linear(strategy.last_info)
+            strategy.check.linear(strategy.last_info, getattr(strategy, "damping", 0.0))
         return (None, *grads, *([None] * ctx.n_init))
 
 

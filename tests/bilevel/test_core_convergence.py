@@ -96,3 +96,25 @@ def test_bad_options_are_refused(bad):
         bl.ConvergenceCheck(**bad)
     with pytest.raises(TypeError, match="check must be"):
         bl.Implicit(check=0.01)
+
+
+def test_the_curvature_message_accounts_for_damping():
+    """CG measures H + damping I: with H = diag(-2, 1, 3) and damping 1 the bound on H's eigenvalue is c - 1."""
+    H = torch.diag(torch.tensor([-2.0, 1.0, 3.0]))
+    lower = bl.LowerProblem(lambda x, y: 0.5 * y @ H @ y - x @ y, solver=bl.ClosedForm(lambda x: torch.linalg.solve(H, x)))
+    x = torch.tensor([1.0, 1.0, 1.0], requires_grad=True)
+    with pytest.warns(bl.HypergradientWarning) as record:
+        bl.solve(lower, x, torch.zeros(3), bl.Implicit(bl.CG(maxiter=3), damping=1.0)).sum().backward()
+    text = " ".join(str(w.message) for w in record)
+    low = float(text.split("p'(H + damping I)p/p'p = ")[1].split(",")[0].split(" ")[0])
+    assert -1.0 <= low <= 0  # a Rayleigh quotient of H + I, whose smallest eigenvalue is -1
+    assert f"at most {low - 1.0:.3g}" in text and f"damping must exceed {1.0 - low:.3g}" in text
+
+
+def test_implicit_over_a_batch_drawing_solver_needs_a_full_objective():
+    g = lambda x, y, batch: ((y - x) ** 2).mean()  # noqa: E731
+    solver = bl.TorchOptim(torch.optim.SGD, 3, batches=lambda: torch.arange(2), lr=0.1)
+    with pytest.raises(TypeError, match="default batch"):
+        bl.solve(bl.LowerProblem(g, solver=solver), torch.ones(2, requires_grad=True), torch.zeros(2), bl.Implicit())
+    full = bl.LowerProblem(lambda x, y, batch=None: ((y - x) ** 2).mean(), solver=solver)  # the documented form
+    bl.solve(full, torch.ones(2, requires_grad=True), torch.zeros(2), bl.Implicit(check=None)).sum().backward()
