@@ -183,3 +183,20 @@ def test_stale_temporaries_are_removed(tmp_path, capsys):
     stray.write_bytes(b"x" * 1000)
     rc, out, _ = run(capsys, "--config", config(tmp_path, "s"), "train.steps=10")
     assert rc == 0 and f"removed {stray.name}" in out and not stray.exists()
+
+
+def test_a_write_over_the_file_size_limit_is_one_line_and_leaves_no_temporary(tmp_path):
+    """A full disk, as a file size limit (RLIMIT_FSIZE, SIGXFSZ ignored as a shell's ulimit -f leaves it)."""
+    import resource
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+
+    proc = subprocess.run([sys.executable, str(HERE / "_dc_faults.py"), "0", "--no-progress", "--config",
+                           str(config(tmp_path, "full"))], env=ENV, capture_output=True, text=True, timeout=300,
+                          preexec_fn=limit)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines() == [
+        f"error: [Errno 27] cannot write checkpoint {tmp_path / 'full' / 'state.pt'}: File too large"]
+    assert not list((tmp_path / "full").glob(".*.tmp*"))
