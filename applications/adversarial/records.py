@@ -10,6 +10,7 @@ written to a per-process temporary name and renamed. With
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
@@ -78,6 +79,13 @@ class TensorBoardScalars:
     def __init__(self, log_dir: Path, purge_step: Optional[int] = None) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
+        # SummaryWriter opens its event file in a writer thread: a directory it cannot write into would fail
+        # there with a thread traceback after the command's own one-line error. Probe in this thread first.
+        log_dir = Path(log_dir)
+        log_dir.mkdir(parents=True, exist_ok=True)
+        probe = log_dir / f".probe.{os.getpid()}"
+        probe.touch()
+        probe.unlink()
         self.writer = SummaryWriter(str(log_dir), purge_step=purge_step)
 
     def add(self, record: Mapping[str, Any]) -> None:

@@ -52,3 +52,30 @@ def test_tensorboard_scalars_read_back_and_resume_purges(tmp_path):
     resumed.add(record(2, train_loss=0.25))
     resumed.close()
     assert read_scalars(tmp_path)["train/loss"] == pytest.approx({1: 1.0, 2: 0.25})
+
+
+def test_an_unwritable_tensorboard_directory_is_one_line_without_a_thread_traceback(tmp_path):
+    """The writer thread of SummaryWriter used to print a 40-line traceback after the command's one-line error.
+    An immutable directory (chattr +i) is unwritable even for root, where a read-only one is not."""
+    import shutil
+    import subprocess
+    import sys
+
+    pytest.importorskip("tensorboard")
+    from _tiny_run import ENV, REPO, write_config
+
+    if shutil.which("chattr") is None:
+        pytest.skip("chattr is not available")
+    cfg = write_config(tmp_path, "ro", output={"tensorboard": True})
+    tb = tmp_path / "ro" / "tensorboard"
+    tb.mkdir(parents=True)
+    if subprocess.run(["chattr", "+i", str(tb)], capture_output=True).returncode != 0:
+        pytest.skip("this filesystem does not support immutable directories")
+    try:
+        proc = subprocess.run([sys.executable, "-m", "applications.adversarial", "--no-progress", "--config", str(cfg)],
+                              capture_output=True, text=True, cwd=str(REPO), env=ENV, timeout=300)
+    finally:
+        subprocess.run(["chattr", "-i", str(tb)], capture_output=True)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "Exception in thread" not in proc.stderr, proc.stderr[-2000:]
+    assert len(proc.stderr.strip().splitlines()) == 1 and "tensorboard" in proc.stderr
