@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from ._autodiff import detach_tree
-from ._tree import Tree, tree_map
+from ._tree import Tree, leaves, tree_map, unflatten
 from .problem import LowerProblem
 from .solvers import Solver, check_steps, with_weight_decay
 from .stochastic.batches import BatchSource, as_batches
@@ -50,6 +50,9 @@ class SGD(Solver):
         nesterov: Nesterov momentum (needs ``momentum > 0`` and ``dampening = 0``).
         batches: a batch source (callable or iterable; :func:`bilevel.stochastic.as_batches`): each step
             draws one batch and uses ``g(x, y, batch)``. ``None``: every step uses ``g(x, y)``.
+        parallel: a :class:`~bilevel.stochastic.DataParallel`: each step's batch gradient is averaged over the
+            ranks (one ``all_reduce`` per step, kept in the graph for the unrolled steps), so P processes step as
+            one process on the concatenated batch, and :class:`~bilevel.Unrolled` differentiates that.
     """
 
     step_size: float
@@ -59,6 +62,7 @@ class SGD(Solver):
     dampening: float = 0.0
     nesterov: bool = False
     batches: Optional[BatchSource] = field(default=None, compare=False)
+    parallel: Optional[Any] = field(default=None, compare=False)
     _draw: Optional[Callable[[], Any]] = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -75,6 +79,9 @@ class SGD(Solver):
     def _gradient(self, lower: LowerProblem, x: Tree, y: Tree, create_graph: bool) -> Tree:
         problem = lower if self._draw is None else lower.on(self._draw())
         _, grad = problem.value_and_grad(x, y, create_graph=create_graph)
+        if self.parallel is not None:  # the rank's batch gradient averaged over ranks, in the graph when unrolled
+            flat, spec = leaves(grad)
+            grad = unflatten(self.parallel.mean(flat, differentiable=create_graph), spec)
         if self.weight_decay:
             grad = tree_map(lambda d, t: d + self.weight_decay * t, grad, y)
         return grad

@@ -46,8 +46,13 @@ class DataParallel:
     def __repr__(self) -> str:
         return f"DataParallel(rank={self.rank}, world_size={self.world_size})"
 
-    def mean(self, tensors: Sequence[torch.Tensor]) -> List[torch.Tensor]:
-        """The average over ranks of each tensor (one ``all_reduce`` of a packed buffer; inputs are not modified)."""
+    def mean(self, tensors: Sequence[torch.Tensor], *, differentiable: bool = False) -> List[torch.Tensor]:
+        """The average over ranks of each tensor (one ``all_reduce`` of a packed buffer; inputs are not modified).
+
+        ``differentiable=True`` keeps the autograd graph (``torch.distributed.nn``'s ``all_reduce``, whose backward
+        sums the cotangents over ranks): for estimates inside a graph that is differentiated later, such as
+        the unrolled steps of :class:`~bilevel.SGD`.
+        """
         tensors = list(tensors)
         if not tensors:
             return []
@@ -55,9 +60,14 @@ class DataParallel:
             return tensors
         dtype = tensors[0].dtype
         if any(t.dtype != dtype for t in tensors):
-            return [self.mean([t])[0] for t in tensors]
-        flat = torch.cat([t.detach().reshape(-1) for t in tensors])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group)
+            return [self.mean([t], differentiable=differentiable)[0] for t in tensors]
+        if differentiable:
+            from torch.distributed.nn.functional import all_reduce
+
+            flat = all_reduce(torch.cat([t.reshape(-1) for t in tensors]), op=dist.ReduceOp.SUM, group=self.group)
+        else:
+            flat = torch.cat([t.detach().reshape(-1) for t in tensors])
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group)
         flat = flat / self.world_size
         out, start = [], 0
         for t in tensors:

@@ -59,6 +59,18 @@ def run(parallel: Optional[DataParallel]) -> Dict[str, Any]:
                 x -= 0.1 * grad
             x.grad = None
         out[name] = {"x": x.detach(), "y": y.detach(), "direction": grad}
+    # Unrolled over the differentiable SGD: the averaged batch gradients stay in the graph
+    lower = bl.LowerProblem(P.g, solver=bl.SGD(0.3, 5, momentum=0.5, batches=batches(1), parallel=parallel))
+    upper = batches(2)
+    x, y = torch.zeros(P.m, requires_grad=True), torch.zeros(P.n)
+    for _ in range(ITERATIONS):
+        y = bl.solve(lower, x, y.detach(), bl.Unrolled())
+        P.f(x, y, upper()).backward()
+        with torch.no_grad():
+            grad = mean(x.grad)
+            x -= 0.1 * grad
+        x.grad = None
+    out["sgd_unrolled"] = {"x": x.detach(), "y": y.detach(), "direction": grad}
     out["soba_resumed"] = resumed_soba(P, parallel, batches)
     return out
 

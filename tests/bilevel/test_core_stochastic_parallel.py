@@ -38,7 +38,7 @@ def test_two_processes_equal_one_process_with_the_concatenated_batch(tmp_path):
         assert p.returncode == 0, err[-3000:]
     a, b = torch.load(two), torch.load(one)
     assert set(a) == {"soba", "f2sa", "bome", "torch_optim_implicit", "torch_optim_first_order", "amigo", "stocbio",
-                      "soba_resumed"}
+                      "sgd_unrolled", "soba_resumed"}
     for key, value in a["soba_resumed"].items():  # stopped, saved by rank 0, restored by both: a replay
         assert (value is None and a["soba"][key] is None) or torch.equal(value, a["soba"][key]), key
     for method in a:
