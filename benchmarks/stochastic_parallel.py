@@ -18,16 +18,18 @@ Run: ``python benchmarks/stochastic_parallel.py`` (a few minutes), ``--tiny`` fo
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Dict, List
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -92,7 +94,7 @@ def make_step(method: str, g: Any, f: Any, n_train: int, n_val: int, batch: int,
     return step
 
 
-def worker(rank: int, world: int, port: int, args: Any, out: Any) -> None:
+def worker(rank: int, world: int, port: int, args: Any, out: Path) -> None:
     torch.set_num_threads(1)
     parallel = None
     if world > 1:
@@ -135,31 +137,44 @@ def worker(rank: int, world: int, port: int, args: Any, out: Any) -> None:
         rows[method] = {"iterations_per_s": args.steps / wall, "wall_s": wall, "cpu_s": cpu,
                         "allreduce_share": reduce_time[0] / wall if parallel is not None else 0.0}
     if rank == 0:
-        out.update({"world_size": world, "rows": rows, "data": data["source"]})
-    if world > 1:
+        out.write_text(json.dumps({"world_size": world, "rows": rows, "data": data["source"]}))
+    if world > 1:  # no rank leaves the group while another still talks to it (gloo aborts otherwise)
+        dist.barrier()
         dist.destroy_process_group()
 
 
 def run(world: int, args: Any) -> Dict[str, Any]:
+    """One run of ``world`` processes, each a fresh interpreter (``--worker``); rank 0's results."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    with mp.Manager() as manager:
-        out = manager.dict()
-        if world == 1:
-            worker(0, 1, port, args, out)
-        else:
-            mp.spawn(worker, args=(world, port, args, out), nprocs=world, join=True)
-        return dict(out)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "rank0.json"
+        flags = ["--tiny"] if args.tiny else []
+        procs = [subprocess.Popen([sys.executable, __file__, "--worker", str(r), str(world), str(port), str(out), *flags],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(world)]
+        errors = []
+        for r, proc in enumerate(procs):
+            _, err = proc.communicate(timeout=1800)
+            if proc.returncode != 0:
+                errors.append(f"rank {r} exited {proc.returncode}: {err[-2000:]}")
+        if errors:
+            raise RuntimeError("; ".join(errors))
+        return json.loads(out.read_text())
 
 
 def main(argv: Any = None) -> Dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--out", type=Path, default=RESULTS_DIR / "stochastic_parallel_cpu.json")
+    ap.add_argument("--worker", nargs=4, metavar=("RANK", "WORLD", "PORT", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.methods = ["soba", "amigo"]
     args.n, args.batch, args.steps, args.warmup = (500, 16, 3, 1) if args.tiny else (5000, 128, 40, 3)
+    if args.worker:
+        rank, world, port, out = args.worker
+        worker(int(rank), int(world), int(port), args, Path(out))
+        return {}
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     before = load_average()
     runs: List[Dict[str, Any]] = [run(p, args) for p in (1, 2)]

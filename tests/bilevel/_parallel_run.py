@@ -116,6 +116,7 @@ def main() -> None:
         result = run(DataParallel())
         if rank == 0:
             torch.save(result, path)
+        dist.barrier()  # no rank leaves the group while another still talks to it (gloo aborts otherwise)
     finally:
         dist.destroy_process_group()
 
