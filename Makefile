@@ -6,6 +6,9 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # The CPU build of PyTorch first, so no dependency resolution pulls a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
+# setuptools warns on every editable install that same-named folders in the working directory may shadow the
+# package (they are the package here): keep that banner out of make train / make test.
+QUIET_EDITABLE := PYTHONWARNINGS="ignore:Editable installation"
 
 .PHONY: train test lint docs hyperopt datacleaning clean
 
@@ -13,11 +16,11 @@ $(VENV)/.apps: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH)"
-	$(PIP) install -q -e ".[apps]"
+	$(QUIET_EDITABLE) $(PIP) install -q -e ".[apps]"
 	touch $@
 
 $(VENV)/.dev: $(VENV)/.apps
-	$(PIP) install -q -e ".[dev,docs]"
+	$(QUIET_EDITABLE) $(PIP) install -q -e ".[dev,docs]"
 	# betty-ml 0.2.1 declares Requires-Python < 3.11 but runs on 3.11 with torch and numpy only
 	$(PIP) install -q --no-deps --ignore-requires-python betty-ml==0.2.1
 	touch $@
