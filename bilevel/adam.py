@@ -24,10 +24,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Tuple
 
-from ._autodiff import detach_tree
 from ._tree import Tree, tree_map
 from .problem import LowerProblem
-from .solvers import Solver, check_steps, with_weight_decay
+from .solvers import Solver, batch_gradient, check_steps, with_weight_decay
 from .stochastic.batches import BatchSource, as_batches
 
 __all__ = ["Adam"]
@@ -52,6 +51,8 @@ class Adam(Solver):
             gives NaN derivatives at exactly-zero gradients).
         weight_decay: :math:`\omega \ge 0` (L2 added to the gradient).
         batches: a batch source; each step draws one batch and uses ``g(x, y, batch)``.
+        parallel: a :class:`~bilevel.stochastic.DataParallel`: each step's gradient averaged over the ranks, as
+            in :class:`~bilevel.SGD`.
     """
 
     step_size: float
@@ -61,6 +62,7 @@ class Adam(Solver):
     eps_root: float = 1e-16
     weight_decay: float = 0.0
     batches: Optional[BatchSource] = field(default=None, compare=False)
+    parallel: Optional[Any] = field(default=None, compare=False)
     _draw: Optional[Callable[[], Any]] = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -75,14 +77,12 @@ class Adam(Solver):
 
     def step(self, lower: LowerProblem, x: Tree, y: Tree, *, create_graph: bool) -> Tree:
         """The first step of :meth:`run` (fresh moments)."""
-        return self._update(lower, x, y, None, 0, create_graph)[0]
+        return self.update(lower, x, y, None, 0, create_graph=create_graph)[0]
 
-    def _update(self, lower: LowerProblem, x: Tree, y: Tree, moments: Optional[Tuple[Tree, Tree]], k: int,
-                create_graph: bool) -> Tuple[Tree, Tuple[Tree, Tree]]:
-        problem = lower if self._draw is None else lower.on(self._draw())
-        _, d = problem.value_and_grad(x, y, create_graph=create_graph)
-        if self.weight_decay:
-            d = tree_map(lambda e, t: e + self.weight_decay * t, d, y)
+    def update(self, lower: LowerProblem, x: Tree, y: Tree, moments: Optional[Tuple[Tree, Tree]], k: int, *,
+               create_graph: bool) -> Tuple[Tree, Tuple[Tree, Tree]]:
+        """Step ``k`` with the moments ``(m, v)`` (``None`` at the first)."""
+        d = batch_gradient(lower, x, y, self._draw, self.parallel, self.weight_decay, create_graph)
         b1, b2 = self.betas
         if moments is None:
             m = tree_map(lambda e: (1.0 - b1) * e, d)
@@ -100,12 +100,3 @@ class Adam(Solver):
     def minimized(self, lower: LowerProblem) -> LowerProblem:
         """``lower`` plus the weight decay's L2 term: what this solver's fixed points minimize."""
         return with_weight_decay(lower, self.weight_decay)
-
-    def run(self, lower: LowerProblem, x: Tree, init: Tree, *, differentiable_steps: int = 0) -> Tree:
-        n_plain = max(self.steps - differentiable_steps, 0)
-        y, moments = (init if n_plain == 0 else detach_tree(init)), None  # see Solver.run
-        x_plain = detach_tree(x)
-        for k in range(self.steps):
-            graph = k >= n_plain
-            y, moments = self._update(lower, x if graph else x_plain, y, moments, k, graph)
-        return y

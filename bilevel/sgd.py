@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Tuple
 
-from ._autodiff import detach_tree
-from ._tree import Tree, leaves, tree_map, unflatten
+from ._tree import Tree, tree_map
 from .problem import LowerProblem
-from .solvers import Solver, check_steps, with_weight_decay
+from .solvers import Solver, batch_gradient, check_steps, with_weight_decay
 from .stochastic.batches import BatchSource, as_batches
 
 __all__ = ["SGD"]
@@ -76,38 +75,19 @@ class SGD(Solver):
             raise ValueError("SGD: nesterov needs momentum > 0 and dampening = 0 (as torch.optim.SGD)")
         object.__setattr__(self, "_draw", as_batches(self.batches))
 
-    def _gradient(self, lower: LowerProblem, x: Tree, y: Tree, create_graph: bool) -> Tree:
-        problem = lower if self._draw is None else lower.on(self._draw())
-        _, grad = problem.value_and_grad(x, y, create_graph=create_graph)
-        if self.parallel is not None:  # the rank's batch gradient averaged over ranks, in the graph when unrolled
-            flat, spec = leaves(grad)
-            grad = unflatten(self.parallel.mean(flat, differentiable=create_graph), spec)
-        if self.weight_decay:
-            grad = tree_map(lambda d, t: d + self.weight_decay * t, grad, y)
-        return grad
-
     def step(self, lower: LowerProblem, x: Tree, y: Tree, *, create_graph: bool) -> Tree:
         """One step from a fresh momentum buffer (the first step of :meth:`run`)."""
-        return self._update(lower, x, y, None, create_graph)[0]
+        return self.update(lower, x, y, None, 0, create_graph=create_graph)[0]
 
-    def _update(self, lower: LowerProblem, x: Tree, y: Tree, buf: Optional[Tree], create_graph: bool):
-        d = self._gradient(lower, x, y, create_graph)
+    def update(self, lower: LowerProblem, x: Tree, y: Tree, buf: Optional[Tree], k: int, *, create_graph: bool
+               ) -> Tuple[Tree, Optional[Tree]]:
+        """Step ``k`` with the momentum buffer ``buf`` (``None`` at the first)."""
+        d = batch_gradient(lower, x, y, self._draw, self.parallel, self.weight_decay, create_graph)
         if self.momentum:
             buf = d if buf is None else tree_map(lambda b, e: self.momentum * b + (1.0 - self.dampening) * e, buf, d)
             d = tree_map(lambda e, b: e + self.momentum * b, d, buf) if self.nesterov else buf
-        y_new = lower.project(tree_map(lambda t, e: t - self.step_size * e, y, d))
-        return y_new, buf
+        return lower.project(tree_map(lambda t, e: t - self.step_size * e, y, d)), buf
 
     def minimized(self, lower: LowerProblem) -> LowerProblem:
         """``lower`` plus the weight decay's L2 term: what this solver's fixed points minimize."""
         return with_weight_decay(lower, self.weight_decay)
-
-    def run(self, lower: LowerProblem, x: Tree, init: Tree, *, differentiable_steps: int = 0) -> Tree:
-        n_plain = max(self.steps - differentiable_steps, 0)
-        y, buf = (init if n_plain == 0 else detach_tree(init)), None  # see Solver.run
-        x_plain = detach_tree(x)
-        for _ in range(n_plain):
-            y, buf = self._update(lower, x_plain, y, buf, False)
-        for _ in range(self.steps - n_plain):
-            y, buf = self._update(lower, x, y, buf, True)
-        return y

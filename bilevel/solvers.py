@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Tuple
 
 import torch
 
 from ._autodiff import detach_tree
-from ._tree import Tree, leaves, tree_map
+from ._tree import Tree, leaves, tree_map, unflatten
 from .problem import LowerProblem
 
 __all__ = ["Solver", "GradientDescent", "ProjectedGradient", "SignedProjectedGradient", "ClosedForm", "check_steps",
-           "with_weight_decay"]
+           "with_weight_decay", "batch_gradient"]
 
 
 class Solver:
@@ -31,22 +31,42 @@ class Solver:
         """One iteration :math:`y \\mapsto y^+`."""
         raise NotImplementedError
 
+    def update(self, lower: LowerProblem, x: Tree, y: Tree, state: Any, k: int, *, create_graph: bool
+               ) -> Tuple[Tree, Any]:
+        """Iteration ``k`` with the state the solver carries between iterations (momentum, moments; ``None``
+        before the first): ``(y+, state+)``. Stateless solvers take :meth:`step`."""
+        return self.step(lower, x, y, create_graph=create_graph), state
+
     def run(self, lower: LowerProblem, x: Tree, init: Tree, *, differentiable_steps: int = 0) -> Tree:
         """Run ``self.steps`` iterations from ``init``; the last ``differentiable_steps`` keep a graph."""
         n_plain = max(self.steps - differentiable_steps, 0)
         # a full unroll differentiates through init too (MAML: init = theta); a truncated one starts from a constant
-        y = init if n_plain == 0 else detach_tree(init)
+        y, state = (init if n_plain == 0 else detach_tree(init)), None
         x_plain = detach_tree(x)
-        for _ in range(n_plain):
-            y = self.step(lower, x_plain, y, create_graph=False)
-        for _ in range(self.steps - n_plain):
-            y = self.step(lower, x, y, create_graph=True)
+        for k in range(self.steps):
+            graph = k >= n_plain
+            y, state = self.update(lower, x if graph else x_plain, y, state, k, create_graph=graph)
         return y
 
     def minimized(self, lower: LowerProblem) -> LowerProblem:
         """The problem whose solutions this solver converges to: ``lower`` itself, or ``lower`` plus the L2
         term of a weight decay the solver adds to the gradient. :class:`~bilevel.Implicit` differentiates it."""
         return lower
+
+
+def batch_gradient(lower: LowerProblem, x: Tree, y: Tree, draw: Optional[Callable[[], Any]], parallel: Any,
+                   weight_decay: float, create_graph: bool) -> Tree:
+    r""":math:`\nabla_y g(x, y; B) + \omega y` on the next batch of ``draw`` (the full ``g`` without), averaged over
+    the ranks of ``parallel`` (inside the graph when ``create_graph``): the direction of :class:`~bilevel.SGD`
+    and :class:`~bilevel.Adam`."""
+    problem = lower if draw is None else lower.on(draw())
+    _, grad = problem.value_and_grad(x, y, create_graph=create_graph)
+    if parallel is not None:
+        flat, spec = leaves(grad)
+        grad = unflatten(parallel.mean(flat, differentiable=create_graph), spec)
+    if weight_decay:
+        grad = tree_map(lambda d, t: d + weight_decay * t, grad, y)
+    return grad
 
 
 def with_weight_decay(lower: LowerProblem, weight_decay: float) -> LowerProblem:

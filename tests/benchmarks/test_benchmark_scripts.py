@@ -249,3 +249,26 @@ def _has_matplotlib() -> bool:
     except ImportError:
         return False
     return True
+
+
+def test_convergence_check_benchmark_tiny(tmp_path):
+    """benchmarks/convergence_check.py --tiny runs and writes the overheads it prints."""
+    out = tmp_path / "cc.json"
+    stdout = _run(["benchmarks/convergence_check.py", "--tiny", "--out", str(out)], timeout=300)
+    data = json.loads(out.read_text())
+    assert data["tiny"] is True and set(data["per_step_s"]) == {"none", "every_1"}
+    assert data["per_step_s"]["none"]["median_s"] > 0 and "amortized_overhead" in data
+    assert "ConvergenceCheck(every=1)" in stdout
+
+
+def test_stochastic_parallel_benchmark_tiny(tmp_path):
+    """benchmarks/stochastic_parallel.py --tiny: one and two gloo processes run and the table and JSON are written."""
+    out = tmp_path / "sp.json"
+    stdout = _run(["benchmarks/stochastic_parallel.py", "--tiny", "--out", str(out)], timeout=600)
+    data = json.loads(out.read_text())
+    assert [r["world_size"] for r in data["runs"]] == [1, 2]
+    for run in data["runs"]:
+        assert set(run["rows"]) == {"soba", "amigo"} and all(r["iterations_per_s"] > 0 for r in run["rows"].values())
+    assert 0 < data["runs"][1]["rows"]["soba"]["allreduce_share"] < 1
+    assert "all-reduce share" in stdout
+
