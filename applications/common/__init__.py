@@ -8,7 +8,9 @@
 * :mod:`~applications.common.atomic`: atomic writes with per-process temporaries, stale-temporary removal;
 * :mod:`~applications.common.checkpoint`: weights-only checkpoints that carry their run kind, RNG state,
   resume compatibility;
-* :mod:`~applications.common.rundir`: the exclusive lock of a run directory.
+* :mod:`~applications.common.rundir`: the exclusive lock of a run directory;
+* :mod:`~applications.common.distributed`: the ``torchrun`` process group, reductions, and errors that stop
+  every rank with one line.
 
 No module here imports an application; the applications import these, not each other.
 """
