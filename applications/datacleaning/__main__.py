@@ -9,12 +9,18 @@ the same command again resumes the run (a method whose options changed is traine
 Exit codes: 0 done; 2 invalid configuration or ``--results`` path, a run directory in use by another
 process or that cannot be written, a checkpoint of another problem or application, data that cannot be
 read or is too small; 3 a method diverged (its last evaluation is kept); 130 / 143 interrupted by
-SIGINT / SIGTERM (the last checkpoint is kept; the same command resumes). Errors are one line on stderr.
+SIGINT / SIGTERM (the last checkpoint is kept; the same command resumes); 4 another process of a torchrun
+launch stopped (was killed). Errors are one line on stderr.
+
+Under ``torchrun --nproc_per_node P -m applications.datacleaning ...`` (or ``python -m torch.distributed.run``)
+the run is data-parallel (:mod:`.experiment`); rank 0 prints every message, including the one error line,
+and the other ranks exit with the same status in silence.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import shutil
 import sys
@@ -24,6 +30,13 @@ from typing import List, Optional
 from applications.common.atomic import write_json
 from applications.common.cli import ResumeHint, parse_args, run_command
 from applications.common.config import ConfigError
+from applications.common.distributed import (
+    EXIT_PEER_LOST,
+    leave_silently,
+    peer_lost,
+    peer_lost_reason,
+    silent_exit_code,
+)
 
 from .config import load_config
 
@@ -43,16 +56,27 @@ def _check_results_path(results: Optional[str]) -> None:
         raise ConfigError([f"--results: {existing} is a file, so {path} cannot be created"])
 
 
+def _env_int(name: str, default: int) -> int:
+    """A torchrun variable (``default`` when unset or not an integer: joining the process group names the error)."""
+    try:
+        return int(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
 def _run(args: argparse.Namespace, argv: List[str], hint: ResumeHint) -> int:
     _check_results_path(args.results)
     cfg = load_config(args.config, args.overrides)
     from .experiment import run_experiment
 
     run_dir = Path(cfg.output.dir) / cfg.run_name()
-    hint.command = shlex.join(["bilevel-datacleaning", *(a for a in argv if a != "output.overwrite=true")])
+    world = _env_int("WORLD_SIZE", 1)
+    launcher = (["torchrun", f"--nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', world)}", "-m",
+                 "applications.datacleaning"] if world > 1 else ["bilevel-datacleaning"])
+    hint.command = shlex.join([*launcher, *(a for a in argv if a != "output.overwrite=true")])
     hint.checkpoint = run_dir / "state.pt"
     results = run_experiment(cfg, progress=not args.no_progress)
-    if args.results:
+    if args.results and _env_int("RANK", 0) == 0:  # rank 0 writes
         path = Path(args.results)
         write_json(path, results)
         plot = run_dir / "plot.png"
@@ -70,7 +94,24 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.steps=100 methods=[amigo]")
     args = parse_args(parser, argv)
-    return run_command(lambda hint: _run(args, argv, hint))
+    return run_command(lambda hint: _on_this_rank(args, argv, hint))
+
+
+def _on_this_rank(args: argparse.Namespace, argv: List[str], hint: ResumeHint) -> int:
+    """The run; on a rank other than 0 of a torchrun launch, an error that rank 0 reports ends it silently, and a
+    lost peer is one line on rank 0 (:func:`~applications.common.distributed.silent_exit_code`)."""
+    rank = _env_int("RANK", 0)
+    try:
+        return _run(args, argv, hint)
+    except BaseException as exc:
+        code = silent_exit_code(exc) if rank > 0 else None
+        if code is not None:
+            return leave_silently(code)
+        if peer_lost(exc):
+            print(f"error: another process of the run stopped ({peer_lost_reason(exc)}); {hint.message()}",
+                  file=sys.stderr, flush=True)
+            return EXIT_PEER_LOST
+        raise
 
 
 if __name__ == "__main__":

@@ -7,11 +7,12 @@ without repeated keys, overrides parsed by YAML, a method's options typed by its
     seed: 0                       # corruption, initialization and every sampler derive from it
     device: cpu                   # cpu | cuda | cuda:N
     cpu_threads: 1                # torch.set_num_threads (null: torch's default)
+    dtype: float32                # float32 | float64: the images, the model and the weights
     data:   name (mnist5k | cifar10), path, n_train, n_val, n_test, p, limit_per_class
     model:  name (linear | small_cnn), weight_decay, options: {width, hidden, pool_size}
     weighting: name (logits | network), hidden   # one logit per sample, or Meta-Weight-Net's MLP of the loss
     train:  steps, eval_every, time_budget_s, batch_size, val_batch_size, outer_lr, w0,
-            baseline_steps, baseline_lr, baseline_momentum
+            baseline_steps, baseline_lr, baseline_momentum   # batch sizes are global under torchrun
     methods: [name | {name, <that method's options>}, ...]   # run in this order, side by side
     baselines: true               # unweighted and clean-only (oracle) training in the same run
     target_val_loss: null         # time-to-target column of the table (null: the oracle's validation loss)
@@ -33,7 +34,7 @@ from .methods import METHODS, build_method
 from .weighting import SampleLogits, Weighting, WeightNet
 
 __all__ = ["CONFIG_DIR", "Config", "ConfigError", "DEFAULT_CONFIG", "DataConfig", "MethodEntry", "ModelConfig", "OutputConfig",
-           "TrainConfig", "WeightingConfig", "config_from_dict", "load_config"]
+           "TrainConfig", "WeightingConfig", "check_world_size", "config_from_dict", "load_config"]
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 #: The default run: MNIST 5k, p = 0.5, the linear model, every method with its tuned options.
@@ -80,7 +81,8 @@ class TrainConfig(Section):
     ``eval_every``; mini-batches of ``batch_size`` training and ``val_batch_size`` validation samples;
     ``outer_lr``: SGD's step on the weight logits per sample (the optimizer's lr is ``outer_lr * n_train``,
     since the gradient of a mean over n samples has entries O(1/n)); ``w0``: the initial logit. Baselines:
-    ``baseline_steps`` of SGD (``baseline_lr``, ``baseline_momentum``) on batches of ``batch_size``."""
+    ``baseline_steps`` of SGD (``baseline_lr``, ``baseline_momentum``) on batches of ``batch_size``. Under
+    ``torchrun`` the batch sizes are global: each of the P processes takes 1/P of every batch."""
 
     steps: StrictInt = Field(300, gt=0)
     eval_every: StrictInt = Field(30, gt=0)
@@ -124,6 +126,7 @@ class Config(Section):
     seed: StrictInt = Field(0, ge=0)
     device: StrictStr = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
     cpu_threads: Optional[StrictInt] = Field(1, gt=0)
+    dtype: Literal["float32", "float64"] = "float32"
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     weighting: WeightingConfig = Field(default_factory=WeightingConfig)
@@ -208,6 +211,20 @@ def config_from_dict(raw: Any) -> Config:
     if problems:
         raise ConfigError(problems)
     return cfg
+
+
+def check_world_size(cfg: Config, world_size: int) -> None:
+    """Every global batch (``train.batch_size``, ``train.val_batch_size``, the unrolled method's ``unroll_batch``)
+    must split evenly over ``world_size`` processes; one :class:`ConfigError` naming each that does not."""
+    sizes = {"train.batch_size": cfg.train.batch_size, "train.val_batch_size": cfg.train.val_batch_size}
+    for i, entry in enumerate(cfg.methods):
+        unroll = getattr(build_method(entry.name, **entry.options), "unroll_batch", None)
+        if unroll is not None:
+            sizes[f"methods[{i}].unroll_batch"] = unroll
+    problems = [f"{key}={size} (the global batch) must be divisible by the number of processes {world_size}"
+                for key, size in sizes.items() if size % world_size]
+    if problems:
+        raise ConfigError(problems)
 
 
 def load_config(path: Union[str, Path, None] = None, overrides: Sequence[str] = ()) -> Config:

@@ -15,6 +15,14 @@ step, leaves an estimate of :math:`\nabla_w f(\theta^\star(w))` in ``w.grad`` fo
   :math:`\theta` (and :math:`v`, :math:`z`) per outer step.
 
 The upper gradient uses a validation mini-batch of ``val_batch_size``.
+
+Data-parallel (``Context.parallel``, a :class:`bilevel.stochastic.DataParallel` under ``torchrun``): every
+sampler draws the global batch of ``batch_size`` (``val_batch_size``, ``unroll_batch``) and returns this
+rank's share, every core method averages its batch estimates over the ranks (``parallel=``), and each method
+leaves in ``w.grad`` the average over ranks of the per-rank gradients, which is the gradient of the one-process
+run on the concatenated batch (:mod:`bilevel.stochastic.parallel` says why averaging, not summing, is right for
+per-sample weights), so the SGD step on :math:`w` is the same on every rank. The implicit method's linear
+system and upper gradient are full-batch: every rank computes them whole.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from typing import Any, Dict, Optional
 import torch
 
 import bilevel as bl
+from bilevel.stochastic import DataParallel
 
 from .problem import DataCleaning, Params
 
@@ -39,12 +48,14 @@ _MAY_BE_ZERO = ("momentum", "damping")
 
 @dataclass
 class Context:
-    """What every method is built with: the problem, the batch sizes and the seed of its samplers."""
+    """What every method is built with: the problem, the (global) batch sizes, the seed of its samplers, and the
+    ranks its estimates are averaged over (``parallel``; ``None``: one process)."""
 
     problem: DataCleaning
     batch_size: int
     val_batch_size: int
     seed: int
+    parallel: Optional[DataParallel] = None
 
 
 @dataclass
@@ -68,12 +79,21 @@ class Method:
                 raise ValueError(f"{f.name} must be > 0, got {value}")
 
     def start(self, ctx: Context, theta0: Params) -> None:
-        self.ctx = ctx
-        device = ctx.problem.data.x_train.device
-        self.train_batches = bl.RandomBatches(ctx.problem.n_train, ctx.batch_size, seed=ctx.seed + 1, device=device)
-        self.val_batches = bl.RandomBatches(ctx.problem.n_val, ctx.val_batch_size, seed=ctx.seed + 2, device=device)
+        self.ctx, self.parallel = ctx, ctx.parallel
+        self.train_batches = self.batches(ctx.problem.n_train, ctx.batch_size, ctx.seed + 1)
+        self.val_batches = self.batches(ctx.problem.n_val, ctx.val_batch_size, ctx.seed + 2)
         self.theta = {k: v.detach().clone() for k, v in theta0.items()}
         self.setup()
+
+    def batches(self, n: int, batch_size: int, seed: int) -> bl.RandomBatches:
+        """This rank's share of global batches of ``batch_size`` of ``range(n)`` drawn from ``seed``."""
+        return bl.RandomBatches(n, batch_size, seed=seed, device=self.ctx.problem.data.x_train.device,
+                                parallel=self.parallel)
+
+    def average_grad(self, w: torch.Tensor) -> None:
+        """``w.grad`` averaged over the ranks (nothing with one process)."""
+        if self.parallel is not None and w.grad is not None:
+            w.grad = self.parallel.mean([w.grad])[0]
 
     def setup(self) -> None:  # pragma: no cover - interface
         raise NotImplementedError
@@ -108,8 +128,8 @@ class _SolveThenDifferentiate(Method):
     momentum: float = 0.5
 
     def lower_problem(self) -> bl.LowerProblem:
-        solver = bl.TorchOptim(torch.optim.SGD, self.inner_steps, batches=self.train_batches, lr=self.inner_lr,
-                               momentum=self.momentum)
+        solver = bl.TorchOptim(torch.optim.SGD, self.inner_steps, batches=self.train_batches, parallel=self.parallel,
+                               lr=self.inner_lr, momentum=self.momentum)
         return bl.LowerProblem(self.ctx.problem.lower, solver=solver)
 
     def setup(self) -> None:
@@ -124,7 +144,10 @@ class _SolveThenDifferentiate(Method):
 
     def step(self, w: torch.Tensor) -> None:
         theta = bl.solve(self.lower, w, self.theta, self.strategy, check_finite=False)
-        self.ctx.problem.upper(w, theta, self.upper_batch()).backward()
+        batch = self.upper_batch()
+        self.ctx.problem.upper(w, theta, batch).backward()
+        if batch is not None:  # a full-batch gradient is the same on every rank already
+            self.average_grad(w)
         self.theta = {k: v.detach() for k, v in theta.items()}
 
     def own_state(self) -> Any:
@@ -152,7 +175,8 @@ class ImplicitMethod(_SolveThenDifferentiate):
 
 @dataclass
 class UnrolledMethod(Method):
-    """Truncated backpropagation through ``inner_steps`` gradient steps on one training batch of ``unroll_batch``."""
+    """Truncated backpropagation through ``inner_steps`` gradient steps on one training batch of ``unroll_batch``
+    (the steps of :class:`bilevel.SGD`, whose batch gradient is averaged over the ranks inside the graph)."""
 
     inner_steps: int = 10
     inner_lr: float = 0.01
@@ -160,21 +184,22 @@ class UnrolledMethod(Method):
     unroll_batch: int = 512
 
     def setup(self) -> None:
-        self.batches = bl.RandomBatches(self.ctx.problem.n_train, self.unroll_batch, seed=self.ctx.seed + 3,
-                                        device=self.ctx.problem.data.x_train.device)
-        self.lower = bl.LowerProblem(self.ctx.problem.lower, solver=bl.GradientDescent(self.inner_lr, self.inner_steps))
+        self.unroll_batches = self.batches(self.ctx.problem.n_train, self.unroll_batch, self.ctx.seed + 3)
+        solver = bl.SGD(self.inner_lr, self.inner_steps, parallel=self.parallel)
+        self.lower = bl.LowerProblem(self.ctx.problem.lower, solver=solver)
         self.strategy = bl.Unrolled(truncate=self.truncate)
 
     def step(self, w: torch.Tensor) -> None:
-        theta = bl.solve(self.lower.on(self.batches()), w, self.theta, self.strategy, check_finite=False)
+        theta = bl.solve(self.lower.on(self.unroll_batches()), w, self.theta, self.strategy, check_finite=False)
         self.ctx.problem.upper(w, theta, self.val_batches()).backward()
+        self.average_grad(w)
         self.theta = {k: v.detach() for k, v in theta.items()}
 
     def own_state(self) -> Any:
-        return self.batches.state_dict()
+        return self.unroll_batches.state_dict()
 
     def load_own_state(self, state: Any) -> None:
-        self.batches.load_state_dict(state)
+        self.unroll_batches.load_state_dict(state)
 
 
 @dataclass
@@ -185,7 +210,7 @@ class AmIGOMethod(_SolveThenDifferentiate):
     system_lr: float = 0.01
 
     def make_strategy(self) -> bl.Strategy:
-        return bl.AmIGO(self.train_batches, steps=self.system_steps, step_size=self.system_lr)
+        return bl.AmIGO(self.train_batches, steps=self.system_steps, step_size=self.system_lr, parallel=self.parallel)
 
 
 @dataclass
@@ -196,12 +221,14 @@ class StocBiOMethod(_SolveThenDifferentiate):
     system_lr: float = 0.01
 
     def make_strategy(self) -> bl.Strategy:
-        return bl.StocBiO(self.train_batches, steps=self.neumann_terms, step_size=self.system_lr)
+        return bl.StocBiO(self.train_batches, steps=self.neumann_terms, step_size=self.system_lr,
+                          parallel=self.parallel)
 
 
 @dataclass
 class _SingleLoop(Method):
-    """A single-loop method: ``step`` returns the direction for ``w``; the state carries ``theta``."""
+    """A single-loop method: ``step`` returns the direction for ``w`` (averaged over the ranks by the method);
+    the state carries ``theta``."""
 
     step_size: float = 0.01
 
@@ -233,7 +260,7 @@ class SOBAMethod(_SingleLoop):
 
     def make_method(self, lower: bl.LowerProblem) -> Any:
         return bl.SOBA(lower, self.ctx.problem.upper, step_size=self.step_size, v_step_size=self.v_step_size,
-                       lower_batches=self.train_batches, upper_batches=self.val_batches)
+                       lower_batches=self.train_batches, upper_batches=self.val_batches, parallel=self.parallel)
 
 
 @dataclass
@@ -244,7 +271,7 @@ class F2SAMethod(_SingleLoop):
 
     def make_method(self, lower: bl.LowerProblem) -> Any:
         return bl.F2SA(lower, self.ctx.problem.upper, step_size=self.step_size, lam=self.lam,
-                       lower_batches=self.train_batches, upper_batches=self.val_batches)
+                       lower_batches=self.train_batches, upper_batches=self.val_batches, parallel=self.parallel)
 
 
 @dataclass
@@ -258,7 +285,7 @@ class BOMEMethod(_SingleLoop):
     def make_method(self, lower: bl.LowerProblem) -> Any:
         return bl.BOME(lower, self.ctx.problem.upper, step_size=self.step_size, outer_step_size=self.outer_step_size,
                        inner_steps=self.inner_steps, eta=self.eta, lower_batches=self.train_batches,
-                       upper_batches=self.val_batches)
+                       upper_batches=self.val_batches, parallel=self.parallel)
 
 
 #: Method names (as in the configuration) and their classes.

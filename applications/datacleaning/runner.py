@@ -6,6 +6,11 @@ training steps (evaluation excluded), the full validation loss and test accuracy
 get (for the weighting network: at their losses under the current :math:`\theta`). The baselines train
 :math:`\theta` with fixed weights (1 for every sample; or 1 for the clean ones only, the oracle) by the
 same mini-batch SGD.
+
+Under ``torchrun`` every rank runs the same steps on its share of each global batch and holds the same
+:math:`w` and :math:`\theta` (the methods average over the ranks), so every rank evaluates alike; the one
+quantity that differs between ranks, the training time, is agreed on (the slowest rank's) before
+``time_budget_s`` decides whether to go on, so that every rank stops after the same step.
 """
 
 from __future__ import annotations
@@ -15,9 +20,11 @@ import time
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
+import torch.distributed as dist
 
 import bilevel as bl
 from applications.common.errors import Diverged
+from bilevel.stochastic import DataParallel
 
 from .methods import Context, Method
 from .problem import DataCleaning, Params
@@ -81,11 +88,20 @@ class MethodRun:
                 self.method.step(self.w)
                 self.optimizer.step()
                 self.step += 1
-            self.train_time += time.perf_counter() - start
+            self.train_time = self._agreed(self.train_time + time.perf_counter() - start, time_budget_s)
             record = self.evaluate()
             if on_eval:
                 on_eval(record)
         return self.history[-1]
+
+    def _agreed(self, seconds: float, time_budget_s: Optional[float]) -> float:
+        """The slowest rank's training time when a time budget decides the number of steps (else this rank's)."""
+        parallel = self.ctx.parallel
+        if parallel is None or time_budget_s is None:
+            return seconds
+        t = torch.tensor([seconds], dtype=torch.float64, device=self.w.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=parallel.group)
+        return float(t)
 
     def state_dict(self) -> Dict[str, Any]:
         return {"w": self.w.detach().clone(), "optimizer": self.optimizer.state_dict(), "step": self.step,
@@ -100,9 +116,10 @@ class MethodRun:
 
 
 def train_fixed_weights(problem: DataCleaning, weights: torch.Tensor, theta0: Params, steps: int, batch_size: int,
-                        lr: float, momentum: float, seed: int) -> Params:
-    r""":math:`\arg\min_\theta` of the loss weighted by fixed ``weights``, by ``steps`` of mini-batch SGD from ``theta0``."""
-    batches = bl.RandomBatches(problem.n_train, batch_size, seed=seed, device=weights.device)
-    solver = bl.TorchOptim(torch.optim.SGD, steps, batches=batches, lr=lr, momentum=momentum)
+                        lr: float, momentum: float, seed: int, parallel: Optional[DataParallel] = None) -> Params:
+    r""":math:`\arg\min_\theta` of the loss weighted by fixed ``weights``, by ``steps`` of mini-batch SGD from ``theta0``
+    (with ``parallel``: this rank's share of each global batch of ``batch_size``, the gradient averaged over ranks)."""
+    batches = bl.RandomBatches(problem.n_train, batch_size, seed=seed, device=weights.device, parallel=parallel)
+    solver = bl.TorchOptim(torch.optim.SGD, steps, batches=batches, parallel=parallel, lr=lr, momentum=momentum)
     lower = bl.LowerProblem(problem.weighted_loss, solver=solver)
     return solver.run(lower, weights, theta0)
