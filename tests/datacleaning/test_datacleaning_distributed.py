@@ -47,8 +47,8 @@ METHODS = [m["name"] for m in CONFIG["methods"]]
 #: rank 1's evaluation at which the kill test stops it: stocbio's second (3 evaluations per method).
 KILL_AT = 11
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
-                                                   reason="torch.distributed with gloo is not available")]
+gloo = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                          reason="torch.distributed with gloo is not available")
 
 
 @pytest.fixture(autouse=True)
@@ -100,6 +100,8 @@ def runs(tmp_path_factory):
     return tmp, proc
 
 
+@pytest.mark.slow
+@gloo
 def test_two_processes_equal_one_with_the_same_global_batch(runs):
     tmp, proc = runs
     one, two = state(tmp / "one"), state(tmp / "two")
@@ -124,6 +126,8 @@ def test_two_processes_equal_one_with_the_same_global_batch(runs):
     assert our_lines(proc.stderr) == [] and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
+@gloo
 def test_a_killed_rank_stops_the_run_with_one_line_and_the_resume_is_bit_exact(runs):
     tmp, _ = runs
     killed = torchrun(tmp, "kill", faults=True, DC_KILL_RANK="1", DC_KILL_AT=str(KILL_AT))
@@ -145,15 +149,63 @@ def test_a_killed_rank_stops_the_run_with_one_line_and_the_resume_is_bit_exact(r
         assert records(a) == records(b), name
 
 
+@pytest.mark.slow
+@gloo
 def test_an_error_on_the_ranks_is_one_line_and_the_exit_status_of_every_rank(tmp_path):
     odd = torchrun(tmp_path, "odd", "train.batch_size=33")
     assert our_lines(odd.stderr) == ["error: invalid configuration (1 problem):"], odd.stderr[-3000:]
+    (tmp_path / "file").write_text("")  # rank 0 alone takes the run directory: its error stops rank 1 too
+    busy = torchrun(tmp_path, "busy", "output.name=file")
+    assert our_lines(busy.stderr) == [f"error: run directory {tmp_path / 'file'} is a file; choose another "
+                                      "output.dir / output.name"], busy.stderr[-3000:]
     assert "train.batch_size=33 (the global batch) must be divisible by the number of processes 2" in odd.stderr
     diverged = torchrun(tmp_path, "nan", "dtype=float32", "train.steps=20", "baselines=false",
                         "methods=[{name: soba, step_size: 1.0e+6, v_step_size: 1.0e+6}]")
     assert our_lines(diverged.stderr) == ["error: soba: the validation loss is nan at step 12; lower the method's "
                                           "step sizes"], diverged.stderr[-3000:]
-    for proc, code in ((odd, 2), (diverged, 3)):  # torchrun's report: rank 0 first, with the command's status
+    for proc, code in ((odd, 2), (busy, 2), (diverged, 3)):  # torchrun's report: rank 0 first, with the command's status
         assert proc.returncode != 0 and str(HERE.parents[1] / "applications") not in proc.stderr
         root = proc.stderr.split("Root Cause")[1]
         assert "rank      : 0" in root and f"exitcode  : {code} " in root, proc.stderr[-2000:]
+
+
+def test_the_error_policy_of_the_ranks():
+    """What a rank other than 0 leaves silently with (rank 0 reports it), and the one-process fallbacks."""
+    import signal
+
+    from applications.common.config import ConfigError
+    from applications.common.distributed import (
+        DistContext,
+        StoppedElsewhere,
+        agree,
+        leave_silently,
+        on_main,
+        peer_lost,
+        peer_lost_reason,
+        silent_exit_code,
+    )
+    from applications.common.interrupts import Interrupted
+    from applications.datacleaning.config import check_world_size, config_from_dict
+    from applications.datacleaning.runner import MethodDiverged
+
+    gloo_error = RuntimeError("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+                              "[127.0.0.1]:49383. This is typically caused by a remote worker crashing.")
+    cases = [(StoppedElsewhere(3), 3), (Interrupted(signal.SIGTERM), 143), (KeyboardInterrupt(), 130),
+             (MethodDiverged("nan"), 3), (ConfigError(["x"]), 2), (OSError("disk"), 2), (gloo_error, 4),
+             (RuntimeError("a bug"), None), (ValueError("a bug"), None)]
+    assert [silent_exit_code(exc) for exc, _ in cases] == [code for _, code in cases]
+    assert peer_lost(gloo_error) and not peer_lost(RuntimeError("a bug"))
+    assert peer_lost_reason(gloo_error) == "Connection closed by peer [127.0.0.1]:49383"
+    assert leave_silently(2, grace_s=0.0) == 2
+    single = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), enabled=False)
+    assert on_main(single, lambda: 5) == 5 and agree(single, lambda: 6) == 6
+    with pytest.raises(OSError, match="disk"):
+        on_main(single, lambda: (_ for _ in ()).throw(OSError("disk")))
+    cfg = config_from_dict({"train": {"batch_size": 30, "val_batch_size": 32},
+                            "methods": [{"name": "unrolled", "unroll_batch": 50}, "soba"]})
+    check_world_size(cfg, 2)
+    with pytest.raises(ConfigError) as err:
+        check_world_size(cfg, 4)
+    assert err.value.problems == [
+        "train.batch_size=30 (the global batch) must be divisible by the number of processes 4",
+        "methods[0].unroll_batch=50 (the global batch) must be divisible by the number of processes 4"]
