@@ -108,6 +108,7 @@ def _resume(cfg: Config, state_path: Path, saved: Dict[str, Any], log: Callable[
     old_cfg = previous.get("config")
     if not isinstance(old_cfg, dict):
         raise CheckpointError(f"{state_path} stores no config; set output.overwrite=true to start afresh")
+    old_cfg = {"dtype": "float32", **old_cfg}  # checkpoints written before the dtype option ran in float32
     check_compatible(old_cfg, cfg.to_dict(), extra_keys=PROBLEM_KEYS,
                      fix="set output.overwrite=true to start afresh, or choose another output.name")
     old_train = old_cfg.get("train", {})

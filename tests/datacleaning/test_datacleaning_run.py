@@ -200,3 +200,16 @@ def test_a_write_over_the_file_size_limit_is_one_line_and_leaves_no_temporary(tm
     assert proc.stderr.strip().splitlines() == [
         f"error: [Errno 27] cannot write checkpoint {tmp_path / 'full' / 'state.pt'}: File too large"]
     assert not list((tmp_path / "full").glob(".*.tmp*"))
+
+
+def test_a_checkpoint_from_before_the_dtype_option_resumes_as_float32(tmp_path, capsys):
+    from applications.common.checkpoint import save_atomic
+
+    assert run(capsys, "--config", config(tmp_path, "old"), "train.steps=10")[0] == 0
+    saved = state(tmp_path, "old")
+    del saved["config"]["dtype"]
+    save_atomic(saved, tmp_path / "old" / "state.pt")
+    rc, out, err = run(capsys, "--config", config(tmp_path, "old"), "train.steps=20")
+    assert rc == 0 and "resuming" in out and "soba: options changed" not in out, err
+    rc, _, err = run(capsys, "--config", config(tmp_path, "old"), "dtype=float64")
+    assert rc == 2 and "dtype: saved='float32' new='float64'" in err
