@@ -49,8 +49,8 @@ class DataParallel:
     def mean(self, tensors: Sequence[torch.Tensor], *, differentiable: bool = False) -> List[torch.Tensor]:
         """The average over ranks of each tensor (one ``all_reduce`` of a packed buffer; inputs are not modified).
 
-        ``differentiable=True`` keeps the autograd graph (``torch.distributed.nn``'s ``all_reduce``, whose backward
-        sums the cotangents over ranks): for estimates inside a graph that is differentiated later, such as
+        ``differentiable=True`` keeps the autograd graph (the all-reduce's backward sums the cotangents over
+        ranks, itself differentiably): for estimates inside a graph that is differentiated later, such as
         the unrolled steps of :class:`~bilevel.SGD`.
         """
         tensors = list(tensors)
@@ -62,9 +62,7 @@ class DataParallel:
         if any(t.dtype != dtype for t in tensors):
             return [self.mean([t], differentiable=differentiable)[0] for t in tensors]
         if differentiable:
-            from torch.distributed.nn.functional import all_reduce
-
-            flat = all_reduce(torch.cat([t.reshape(-1) for t in tensors]), op=dist.ReduceOp.SUM, group=self.group)
+            flat = _AllReduceSum.apply(torch.cat([t.reshape(-1) for t in tensors]), self.group)
         else:
             flat = torch.cat([t.detach().reshape(-1) for t in tensors])
             dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group)
@@ -74,6 +72,26 @@ class DataParallel:
             out.append(flat[start:start + t.numel()].view_as(t))
             start += t.numel()
         return out
+
+
+class _AllReduceSum(torch.autograd.Function):
+    r""":math:`y = \sum_r x_r` over the ranks of ``group``. The objective differentiated is the sum over ranks of
+    each rank's own, so :math:`\partial L / \partial x_r = \sum_s \partial L_s / \partial y`: the backward is the
+    same all-reduce of the cotangents (through this Function, so double backward works too)."""
+
+    @staticmethod
+    def forward(x: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+        out = x.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return out
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+        ctx.group = inputs[1]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[no-untyped-def]
+        return _AllReduceSum.apply(grad.contiguous(), ctx.group), None
 
 
 def mean_over(parallel: Optional[DataParallel], tensors: Sequence[torch.Tensor]) -> List[torch.Tensor]:
