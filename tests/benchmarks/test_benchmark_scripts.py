@@ -243,6 +243,29 @@ def test_stochastic_quadratic_tiny(tmp_path):
     assert out.with_suffix(".png").exists() == _has_matplotlib()
 
 
+def test_benchopt_quadratic_tiny(tmp_path):
+    """benchmarks/benchopt_quadratic.py --tiny without JAX: benchopt's side is skipped with a message, the instance is
+    drawn from benchopt's recipe (and says so), and every torch run of the factor chain is recorded."""
+    out = tmp_path / "bq.json"
+    stdout = _run(["benchmarks/benchopt_quadratic.py", "--tiny", "--out", str(out)])
+    assert "benchopt's side skipped" in stdout
+    data = json.loads(out.read_text())
+    _machine_ok(data["machine"])
+    assert data["tiny"] is True and "NOT benchopt's numbers" in data["instance"]["source"]
+    x0 = data["instance"]["grad_norm2_at_x0"]
+    assert [r["method"] for r in data["rows"]] == ["SOBA", "AmIGO", "StocBiO"]
+    for row in data["rows"]:
+        assert set(row["runs"]) == {"torch_benchopt", "torch_ours", "ours_instance", "ours_instance_benchopt_steps"}
+        assert row["runs"]["torch_benchopt"]["curve"][0][1] == pytest.approx(x0)
+        for r in row["runs"].values():
+            assert r["iterations"] == 64 and r["ms_per_it_wall"] > 0 and r["ms_per_it_cpu"] > 0
+        if row["method"] != "SOBA":  # benchopt's constant steps take the double-loop methods below x0's tenth
+            assert min(v for _, v in row["runs"]["torch_benchopt"]["curve"]) < 0.1 * x0
+    stocbio = data["rows"][2]["runs"]["torch_benchopt"]["step_config"]
+    assert stocbio["terms"] == data["benchopt_hyperparameters"]["StocBiO"]["n_shia_steps"] + 1
+    assert out.with_suffix(".md").read_text().count("| AmIGO |") >= 4
+
+
 def _has_matplotlib() -> bool:
     try:
         import matplotlib  # noqa: F401
