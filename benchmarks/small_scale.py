@@ -160,7 +160,8 @@ def _done(path: Path, s: Dict[str, Any]) -> bool:
 
 
 def run_one(s: Dict[str, Any], out: Path, work: Path) -> Dict[str, Any]:
-    """Train one run in this process, evaluate it, write its JSON; returns the record."""
+    """Train one run in this process (``s["overrides"]`` over ``s["config"]``, a config file relative to the
+    checkout, or over the defaults), evaluate it, write its JSON; returns the record."""
     import torch
 
     from applications.adversarial.config import load_config
@@ -168,7 +169,8 @@ def run_one(s: Dict[str, Any], out: Path, work: Path) -> Dict[str, Any]:
 
     torch.set_num_threads(1)
     name = f"{s['setting']}_{s['method']}_seed{s['seed']}"
-    cfg = load_config(None, [*s["overrides"], f"output.dir={work}", f"output.name={name}", "output.overwrite=true"])
+    config = REPO / s["config"] if s.get("config") else None  # a config file under the checkout, else the defaults
+    cfg = load_config(config, [*s["overrides"], f"output.dir={work}", f"output.name={name}", "output.overwrite=true"])
     run_dir = work / name
     t0 = time.perf_counter()
     diverged: Optional[Dict[str, Any]] = None

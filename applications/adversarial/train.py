@@ -35,6 +35,7 @@ from typing import List, Optional
 
 from applications.adversarial.config import QUICKSTART, load_config
 from applications.adversarial.guard import stored_config
+from applications.adversarial.reference import reference_line
 from applications.adversarial.trainer import ConsoleHandler, train
 from applications.common.cli import ResumeHint, parse_args, run_command
 from applications.common.errors import UserError
@@ -82,6 +83,9 @@ def _train(args: argparse.Namespace, hint: ResumeHint) -> int:
     except ImportError as exc:  # an optional package the config asks for
         raise UserError(str(exc)) from None
     if os.environ.get("RANK", "0") == "0":
+        line = reference_line(cfg, results)
+        if line:
+            print(line)
         print(f"results: {Path(results['run_dir']) / 'results.json'}")
     return 0
 
