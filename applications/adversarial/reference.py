@@ -21,7 +21,15 @@ __all__ = ["QUICKSTART", "is_quickstart_recipe", "reference_line"]
 
 #: The quickstart's final test over 10 runs (fractions): mean, sample std, min and max; ``config_sha256``:
 #: the first 12 hex digits of the SHA-256 of the config file it was measured with.
-QUICKSTART: Dict[str, Any] = {}
+QUICKSTART: Dict[str, Any] = {
+    "config_sha256": "4f2042fcd17b",
+    "runs": 10,
+    "measured": "seeds 0-4 x cpu_threads 1, 2, Intel Xeon",
+    "best_clean": {"mean": 0.9812, "std": 0.0033, "min": 0.976, "max": 0.986},
+    "best_pgd": {"mean": 0.78, "std": 0.0158, "min": 0.758, "max": 0.798},
+    "last_clean": {"mean": 0.9812, "std": 0.0033, "min": 0.976, "max": 0.986},
+    "last_pgd": {"mean": 0.78, "std": 0.0158, "min": 0.758, "max": 0.798},
+}
 
 #: Keys that change neither the recipe nor (beyond the seed's and the processor's variation) its result.
 _FREE = ("seed", "cpu_threads", "device", "output", "eval.autoattack_n")

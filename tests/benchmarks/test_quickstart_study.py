@@ -1,0 +1,138 @@
+"""benchmarks/quickstart_study.py: every run it plans is a valid configuration of the intended recipe, the
+tuning gives every method the same budget (all candidates on the first seed, the top ones on the others),
+the summary's statistics and stability criterion are those of the per-run records, a tiny study runs and
+resumes, and the reference the main job prints (applications/adversarial/reference.py) is the committed
+study's stability row for the config file as it is."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from benchmarks import quickstart_study as qs  # noqa: E402
+from benchmarks import small_scale  # noqa: E402
+
+
+def _args(out, **kw):
+    base = dict(tiny=False, out=Path(out), seeds=[0, 1, 2, 3, 4], tune_seeds=[0, 1], top=2, only=[])
+    return argparse.Namespace(**{**base, **kw})
+
+
+def test_every_planned_run_is_a_valid_config_of_its_recipe(tmp_path):
+    from applications.adversarial.config import load_config
+
+    for phase in ("tune", "stability") + (("compare",) if qs.SELECTED else ()):
+        for s in qs.specs(phase, _args(tmp_path)):
+            cfg = load_config(REPO / s["config"], s["overrides"])
+            assert cfg.eps == pytest.approx(0.3) and cfg.seed == s["seed"] and cfg.eval.autoattack_n is None
+            assert cfg.data.name == "mnist5k" and cfg.model.name == "small_cnn"
+            name = s["method"].split("__")[0]
+            assert cfg.method.name == {"fast_bat_t1": "fast_bat", "fast_bat_t2": "fast_bat", "pgd10": "pgd"}.get(name, name)
+            assert cfg.eval.final_test is (phase != "tune")  # tuning never looks at the test images
+            assert cfg.cpu_threads == (int(name[-1]) if name.startswith("fast_bat_t") else 1)
+    sizes = {m: len(c) for m, c in qs.CANDIDATES.items()}
+    assert set(sizes) == {"fast_bat", "fast_at", "pgd10"} and len(set(sizes.values())) == 1  # the same budget
+
+
+def test_the_quickstart_is_fast_bats_selected_candidate_and_every_method_has_one():
+    assert set(qs.SELECTED) == set(qs.CANDIDATES)
+    for method, key in qs.SELECTED.items():
+        assert key in qs.CANDIDATES[method]
+    selected = qs.resolved([*qs.CANDIDATES["fast_bat"][qs.SELECTED["fast_bat"]], *qs._TUNE])
+    assert selected == qs.resolved(qs._TUNE)  # the config file is that candidate, up to nothing
+
+
+def _write(out, s, curve, co=False, test=None):
+    path = small_scale.result_path(out, s)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rec = {"spec": s, "curve": [{"epoch": i + 1, "val_clean_acc": 0.9, "val_robust_acc": v, "train_loss": 1.0}
+                                for i, v in enumerate(curve)],
+           "co_detected": co, "s_per_epoch": 2.0, "wall_time_s": 30.0, "best_epoch": len(curve), "test": test or {}}
+    path.write_text(json.dumps(rec))
+    return rec
+
+
+def test_later_tuning_seeds_wait_for_the_first_and_take_the_top_of_each_method(tmp_path):
+    args = _args(tmp_path)
+    first = qs.specs("tune", args)
+    n = sum(len(c) for c in qs.CANDIDATES.values())
+    assert len(first) == n and {s["seed"] for s in first} == {0}
+    for i, s in enumerate(first):  # a distinct last validation score per candidate: the higher i, the better
+        _write(tmp_path, s, [0.1, 0.2 + 0.01 * i])
+    later = [s for s in qs.specs("tune", args) if s["seed"] == 1]
+    assert len(later) == 2 * len(qs.CANDIDATES)
+    for method, cands in qs.CANDIDATES.items():
+        top = [f"{method}__{k}" for k in list(cands)[-2:]]
+        assert sorted(s["method"] for s in later if s["method"].startswith(method + "__")) == sorted(top)
+    assert len(qs.plan(["tune"], args)) == len(later)  # the first round is done
+
+
+def test_the_summary_is_that_of_the_records(tmp_path):
+    out = tmp_path / "quickstart_study"
+    args = _args(out)
+    last_pgd = [0.50, 0.52, 0.47, 0.55, 0.49, 0.51, 0.50, 0.53, 0.48, 0.52]
+    runs = [s for s in qs.specs("stability", args)]
+    assert len(runs) == 10
+    for s, v in zip(runs, last_pgd):
+        test = {"best": {"epoch": 14, "n": 500, "clean_acc": 0.97, "pgd_acc": v + 0.01},
+                "last": {"epoch": 15, "n": 500, "clean_acc": 0.98, "pgd_acc": v}}
+        _write(out, s, [0.2, v], co=False, test=test)
+    summary = qs.summarize(out, aa_n=500, name="t")
+    st = summary["stability"]
+    assert st["runs"] == 10 and st["co_runs"] == 0
+    assert st["last_pgd"]["mean"] == pytest.approx(statistics.mean(last_pgd))
+    assert st["last_pgd"]["std"] == pytest.approx(statistics.stdev(last_pgd))
+    assert (st["last_pgd"]["min"], st["last_pgd"]["max"]) == (0.47, 0.55)
+    assert st["best_minus_last_pgd_max"] == pytest.approx(0.01)
+    assert st["criterion"] == {"last_pgd_std_le_0.03": True, "last_within_0.05_of_best": True, "co_never": True}
+    assert st["by_threads"]["fast_bat_t2"]["last_pgd"]["mean"] == pytest.approx(statistics.mean(last_pgd[1::2]))
+    md = (tmp_path / "t.md").read_text()
+    assert "| all | 97.0 ± 0.0 [97.0, 97.0] |" in md and "co_never: yes" in md
+    # one collapsed run breaks two criteria
+    bad = runs[0]
+    _write(out, bad, [0.6, 0.1], co=True, test={"best": {"epoch": 1, "n": 500, "clean_acc": 0.9, "pgd_acc": 0.6},
+                                               "last": {"epoch": 15, "n": 500, "clean_acc": 0.9, "pgd_acc": 0.1}})
+    crit = qs.summarize(out, aa_n=500, name="t")["stability"]["criterion"]
+    assert crit == {"last_pgd_std_le_0.03": False, "last_within_0.05_of_best": False, "co_never": False}
+
+
+def _run(args, timeout=300):
+    proc = subprocess.run([sys.executable, "benchmarks/quickstart_study.py", *map(str, args)], capture_output=True,
+                          text=True, cwd=str(REPO), timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_a_tiny_stability_study_runs_and_resumes(tmp_path):
+    common = ["stability", "--tiny", "--jobs", "2", "--seeds", "0", "--work", tmp_path / "work", "--out", tmp_path / "json"]
+    assert "2 run(s) to train" in _run(common)
+    paths = sorted((tmp_path / "json" / "quickstart").glob("*.json"))
+    assert [p.name for p in paths] == ["fast_bat_t1_seed0.json", "fast_bat_t2_seed0.json"]
+    for p in paths:
+        rec = json.loads(p.read_text())
+        assert "error" not in rec and rec["test"]["last"]["n"] == 20
+    assert "0 run(s) to train" in _run(common)
+
+
+def test_the_main_jobs_reference_is_the_committed_stability_row():
+    from applications.adversarial import reference
+
+    committed = REPO / "benchmarks" / "results" / f"{qs.NAME}.json"
+    summary = json.loads(committed.read_text())
+    st = summary["stability"]
+    ref = reference.QUICKSTART
+    assert ref["config_sha256"] == summary["config_sha256"] == qs.config_digest()  # measured with this config
+    assert ref["runs"] == st["runs"] == 10
+    for key in ("last_pgd", "best_pgd", "last_clean", "best_clean"):
+        for stat in ("mean", "std", "min", "max"):
+            assert ref[key][stat] == pytest.approx(st[key][stat], abs=5e-4), (key, stat)
