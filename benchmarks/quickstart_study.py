@@ -1,7 +1,7 @@
 r"""The main job's recipe (``make train``: the quickstart config) studied: tuning, stability, comparison.
 
 Three phases, each a set of runs of the training program's own ``train`` (through
-:func:`benchmarks.small_scale.run_one`), all on the embedded MNIST digits at eps 0.3 with the small CNN:
+:func:`benchmarks.study_runs.run_one`), all on the embedded MNIST digits at eps 0.3 with the small CNN:
 
 * ``tune`` — every candidate recipe of :data:`CANDIDATES` (Fast-BAT, Fast-AT and PGD-10-AT: the same number
   of candidates each) trained with the final test off on the first tuning seed, then the ``--top`` (2)
@@ -37,14 +37,11 @@ The numbers the README and the main job quote (:mod:`applications.adversarial.re
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
 import fnmatch
 import hashlib
 import json
-import multiprocessing
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -52,7 +49,7 @@ REPO = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):
     sys.path.insert(0, str(REPO))
 
-from benchmarks import small_scale  # noqa: E402
+from benchmarks import study_runs  # noqa: E402
 from benchmarks.common import RESULTS_DIR, machine_info, markdown_table, write_json  # noqa: E402
 
 __all__ = ["CANDIDATES", "SELECTED", "PHASES", "plan", "summarize", "main"]
@@ -117,7 +114,7 @@ def resolved(overrides: Sequence[str]) -> Dict[str, Any]:
 
 def _last_val_robust(path: Path, s: Dict[str, Any]) -> Optional[float]:
     """The last epoch's validation robust accuracy of the finished run ``s`` (None if not finished)."""
-    if not small_scale._done(path, s):
+    if not study_runs.is_done(path, s):
         return None
     curve = json.loads(path.read_text())["curve"]
     return curve[-1]["val_robust_acc"] if curve else 0.0
@@ -139,7 +136,7 @@ def specs(phase: str, args: argparse.Namespace) -> List[Dict[str, Any]]:
         first = {(m, k): _spec("tune", f"{m}__{k}", args.tune_seeds[0], [*o, *_TUNE], args)
                  for m, cands in CANDIDATES.items() for k, o in cands.items()}
         out += first.values()
-        scores = {mk: _last_val_robust(small_scale.result_path(args.out, s), s) for mk, s in first.items()}
+        scores = {mk: _last_val_robust(study_runs.result_path(args.out, s), s) for mk, s in first.items()}
         if None in scores.values():
             return out  # the later seeds wait for every first-seed result (run the phase again)
         for method, cands in CANDIDATES.items():
@@ -166,7 +163,7 @@ def plan(phases: Sequence[str], args: argparse.Namespace, finished: bool = False
             key = json.dumps(s, sort_keys=True)
             if getattr(args, "only", None) and not any(fnmatch.fnmatch(s["method"], pat) for pat in args.only):
                 continue
-            if key not in seen and small_scale._done(small_scale.result_path(args.out, s), s) == finished:
+            if key not in seen and study_runs.is_done(study_runs.result_path(args.out, s), s) == finished:
                 seen.add(key)
                 todo.append(s)
     return todo
@@ -236,7 +233,7 @@ def _test_rows(records: List[Dict[str, Any]], method: str, aa_n: int) -> Optiona
 
 def summarize(out: Path, aa_n: int, name: str = NAME) -> Dict[str, Any]:
     """Aggregate the per-run JSON under ``out`` into ``<name>.json`` / ``.md`` beside ``out``."""
-    records = small_scale.load_records(out)
+    records = study_runs.load_records(out)
     stab = [r for r in records if r["spec"]["setting"] == "quickstart" and r["spec"]["method"].startswith("fast_bat_t")
             and "error" not in r and "last" in r["test"]]
     stability = None
@@ -347,25 +344,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.phases and not args.summarize:
         todo = plan(args.phases, args)
         aa_todo = [s for s in (plan(["compare"], args, finished=True) if "compare" in args.phases else [])
-                   if s["seed"] in args.aa_seeds and small_scale.needs_autoattack(small_scale.result_path(args.out, s), aa)]
+                   if s["seed"] in args.aa_seeds and study_runs.needs_autoattack(study_runs.result_path(args.out, s), aa)]
         compare = {json.dumps(s, sort_keys=True) for s in specs("compare", args)} if "compare" in args.phases else set()
         print(f"{len(todo)} run(s) to train, {args.jobs} at a time", flush=True)
-        t0 = time.perf_counter()
-        with cf.ProcessPoolExecutor(max_workers=max(1, args.jobs), mp_context=multiprocessing.get_context("spawn")) as pool:
-            pending = {pool.submit(small_scale._worker, s, str(args.out), str(args.work)): "train" for s in todo}
-            pending.update({pool.submit(small_scale._worker, s, str(args.out), str(args.work), aa): "autoattack"
-                            for s in aa_todo})
-            while pending:
-                finished, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
-                for fut in finished:
-                    kind = pending.pop(fut)
-                    s, err, secs = fut.result()
-                    print(f"{kind} {s['setting']}/{s['method']} seed {s['seed']}: {'FAILED' if err else 'done'} in "
-                          f"{secs:.0f} s (elapsed {(time.perf_counter() - t0) / 60:.1f} min)", flush=True)
-                    if err:
-                        print(err.strip().splitlines()[-1], flush=True)
-                    elif kind == "train" and json.dumps(s, sort_keys=True) in compare and s["seed"] in args.aa_seeds:
-                        pending[pool.submit(small_scale._worker, s, str(args.out), str(args.work), aa)] = "autoattack"
+        study_runs.run_pool(todo, aa_todo, aa, args.out, args.work, args.jobs,
+                            lambda s: json.dumps(s, sort_keys=True) in compare and s["seed"] in args.aa_seeds)
     summary = summarize(args.out, args.aa_n, name)
     print(markdown(summary))
     return 0

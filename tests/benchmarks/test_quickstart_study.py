@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from benchmarks import quickstart_study as qs  # noqa: E402
-from benchmarks import small_scale  # noqa: E402
+from benchmarks import study_runs  # noqa: E402
 
 
 def _args(out, **kw):
@@ -53,7 +53,7 @@ def test_the_quickstart_is_fast_bats_selected_candidate_and_every_method_has_one
 
 
 def _write(out, s, curve, co=False, test=None):
-    path = small_scale.result_path(out, s)
+    path = study_runs.result_path(out, s)
     path.parent.mkdir(parents=True, exist_ok=True)
     rec = {"spec": s, "curve": [{"epoch": i + 1, "val_clean_acc": 0.9, "val_robust_acc": v, "train_loss": 1.0}
                                 for i, v in enumerate(curve)],

@@ -123,30 +123,3 @@ def test_a_tiny_study_writes_each_run_and_resumes(tmp_path):
     assert json.loads((out / "mnist" / "fast_bat_seed0.json").read_text())["test"]["best"]["autoattack"]["n"] == 10
     # a changed specification (another test subset) is trained again
     assert "4 run(s) to train" in _run([*common[:-4], "--test-n", "30", "--aa-n", "20"])
-
-
-DIGITS = ("device=cpu", "cpu_threads=1", "seed=0", "data.name=digits", "data.n_val=200", "model.name=small_cnn",
-          "model.options={width: 8}", "method.name=standard", "eval.eps=0.2", "train.batch_size=64", "eval.val_n=50",
-          "eval.val_steps=3", "eval.test_n=50", "eval.test_steps=3", "eval.test_restarts=1",
-          # epoch 1 at lr 0.05, then 0.05 * 400: epoch 2 diverges
-          "train.lr_schedule=piecewise", "train.lr_max=0.05", "train.lr_milestones=[1]", "train.lr_gamma=400")
-
-
-def test_a_diverged_run_is_an_outcome_with_its_best_checkpoint_tested(tmp_path):
-    """Divergence is recorded (epoch, no last checkpoint) and best.pt gets the trainer's own final test:
-    the same numbers as a run that stops after that epoch."""
-    from applications.adversarial.config import load_config
-    from applications.adversarial.trainer import train
-
-    s = {"setting": "mnist", "method": "standard", "seed": 0, "overrides": [*DIGITS, "train.epochs=3"]}
-    record = small_scale.run_one(s, tmp_path / "json", tmp_path / "work")
-    assert record["diverged"]["epoch"] == 2 and "training diverged" in record["diverged"]["message"]
-    assert set(record["test"]) == {"best"} and record["test"]["best"]["epoch"] == 1 and record["epochs"] == 1
-    reference = train(load_config(None, [*DIGITS, "train.epochs=1", f"output.dir={tmp_path}", "output.name=ref"]),
-                      progress=False)["test"]["best"]
-    best = record["test"]["best"]
-    assert (best["clean_acc"], best["pgd_acc"]) == (reference["clean_acc"], reference["robust_acc"])
-    summary = small_scale.summarize(tmp_path / "json", "t", plots=False)
-    (row,) = summary["rows"]
-    assert row["diverged_runs"] == 1 and row["diverged_epochs"] == [2] and row["last_pgd"] is None
-    assert "| 1/1 (epoch 2) |" in (tmp_path / "t.md").read_text()
