@@ -14,7 +14,7 @@ and steps (SOBA: :math:`0.1/\sqrt{t+1}` on y, v, x; AmIGO, StocBiO: constant 0.1
 in float64 from the mean matrices, at the same checkpoints, outside the timed region.
 
 Factors (time = iterations x ms/iteration), one change at a time: framework = JAX / torch time (b, benchopt's steps),
-steps = (b) / (c) our tuned constant steps (``stochastic_quadratic.STEPS``) on benchopt's instance, instance = iterations
+steps = (b) / (c) our tuned constant steps (``quadratic_problem.STEPS``) on benchopt's instance, instance = iterations
 (c) / (d) the same steps on ``stochastic_quadratic``'s condition-18 instance, oracle = ms/iteration dense (c) / its
 rank-one oracle (d); (e) is benchopt's steps on that instance.
 
@@ -191,9 +191,9 @@ def dense_problem(arrays: Dict[str, np.ndarray]) -> SimpleNamespace:
 
 
 def steps_config(name: str, which: str) -> Dict[str, Any]:
-    """benchopt's steps (``which='benchopt'``) or our tuned constant ones (``stochastic_quadratic.STEPS``), as
+    """benchopt's steps (``which='benchopt'``) or our tuned constant ones (``quadratic_problem.STEPS``), as
     rho (y, v), v_steps / v_lr (system), inner_steps / inner_lr, gamma (x) and decay (exponent on t + 1)."""
-    from benchmarks.stochastic_quadratic import STEPS
+    from benchmarks.quadratic_problem import STEPS
 
     if which == "benchopt":
         b, lr = BENCHOPT[name], BENCHOPT[name]["step_size"]
@@ -210,6 +210,7 @@ def build(name: str, P: SimpleNamespace, s: Dict[str, Any], inner, outer):
     import torch
 
     import bilevel as bl
+    from benchmarks.outer_loops import single_loop_iteration, solve_iteration
 
     decay = s["decay"]
     x = torch.full((P.d,), -2.0, dtype=torch.float32, requires_grad=True)
@@ -220,29 +221,12 @@ def build(name: str, P: SimpleNamespace, s: Dict[str, Any], inner, outer):
         rho = s["rho"]
         method = bl.SOBA(bl.LowerProblem(P.g), P.f, step_size=(lambda t: rho * (t + 1) ** -decay) if decay else rho,
                          lower_batches=inner, upper_batches=outer)
-        state = method.init(z0)
-
-        def iteration() -> None:
-            x.grad = method.step(x, state)
-            opt.step()
-            if sched is not None:
-                sched.step()
-
-        return x, iteration
+        return x, single_loop_iteration(method, x, opt, method.init(z0), sched)
     solver = bl.TorchOptim(torch.optim.SGD, s["inner_steps"], batches=inner, lr=s["inner_lr"])
     lower = bl.LowerProblem(P.g, solver=solver)
     strategy = (bl.AmIGO(inner, steps=s["v_steps"], step_size=s["v_lr"]) if name == "AmIGO"
                 else bl.StocBiO(inner, steps=s["terms"], step_size=s["v_lr"]))
-    z = [z0]
-
-    def iteration() -> None:
-        y = bl.solve(lower, x, z[0], strategy, check_finite=False)
-        P.f(x, y, outer()).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        z[0] = y.detach()
-
-    return x, iteration
+    return x, solve_iteration(lower, strategy, P.f, outer, x, opt, z0)
 
 
 def reach(curve: List[List[float]]) -> Dict[str, Any]:
@@ -261,7 +245,7 @@ def timing(wall: List[float], cpu: List[float], per: int) -> Dict[str, float]:
 
 def run_torch(name: str, P: SimpleNamespace, which: str, inner_starts, outer_starts, iterations: int,
               every: int) -> Dict[str, Any]:
-    from benchmarks.stochastic_quadratic import metrics
+    from benchmarks.quadratic_problem import metrics
 
     s = steps_config(name, which)
     x, iteration = build(name, P, s, Starts(inner_starts), Starts(outer_starts))
@@ -283,7 +267,7 @@ def run_torch(name: str, P: SimpleNamespace, which: str, inner_starts, outer_sta
 def jax_summary(run: Dict[str, Any], P: SimpleNamespace, every: int) -> Dict[str, Any]:
     import torch
 
-    from benchmarks.stochastic_quadratic import metrics
+    from benchmarks.quadratic_problem import metrics
 
     curve = [[k * every, metrics(P, torch.tensor(x))["grad_norm2"]] for k, x in enumerate(run["x"])]
     return {"side": "benchopt (JAX)", "method": run["method"], "steps": "benchopt", "iterations": (len(curve) - 1) * every,
@@ -294,7 +278,7 @@ def jax_summary(run: Dict[str, Any], P: SimpleNamespace, every: int) -> Dict[str
 def instance_info(P: SimpleNamespace) -> Dict[str, Any]:
     import torch
 
-    from benchmarks.stochastic_quadratic import metrics
+    from benchmarks.quadratic_problem import metrics
 
     lo, hi = (float(e) for e in torch.linalg.eigvalsh(P.reduced_hessian.double())[[0, -1]])
     return {"n_inner": P.n_inner, "n_outer": P.n_outer, "p": P.p, "d": P.d, "reduced_hessian_eigs": [lo, hi],
@@ -367,7 +351,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     import torch
 
     from benchmarks.common import RESULTS_DIR, load_average, machine_info, write_json
-    from benchmarks.stochastic_quadratic import make_problem
+    from benchmarks.quadratic_problem import make_problem
 
     torch.set_num_threads(1)
     out = args.out or RESULTS_DIR / "benchopt_quadratic_cpu.json"
@@ -411,7 +395,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     Q = make_problem(n_inner=dataset["n_samples_inner"], n_outer=dataset["n_samples_outer"], p=dataset["dim_inner"],
                      d=dataset["dim_outer"])
     results["instance"].update(instance_info(P))
-    results["our_instance"] = {"source": "stochastic_quadratic.make_problem(seed=0), rank-one oracle", **instance_info(Q)}
+    results["our_instance"] = {"source": "quadratic_problem.make_problem(seed=0), rank-one oracle", **instance_info(Q)}
     print(f"benchopt's instance: {results['instance']}\nour instance: {results['our_instance']}", flush=True)
     rows = []
     for name in methods:

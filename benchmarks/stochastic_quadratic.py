@@ -1,29 +1,15 @@
 r"""Stochastic bi-level methods on benchopt's simulated quadratic: ||grad h||^2 and h against wall time.
 
-The problem (as benchopt's ``benchmark_bilevel`` defines it; our own generator): inner variable
-:math:`z \in \mathbb R^{p}`, outer :math:`x \in \mathbb R^{d}`,
-
-.. math::
-
-    g(z, x) &= \tfrac1{n}\textstyle\sum_i \tfrac12 z^\top A_i z + \tfrac12 x^\top B_i x + x^\top C_i z
-               + a_i^\top z + b_i^\top x,\\
-    f(z, x) &= \tfrac1{m}\textstyle\sum_j \tfrac12 z^\top F_j z + \tfrac12 x^\top H_j x + x^\top K_j z
-               + f_j^\top z + h_j^\top x,
-
-with :math:`n = 32768`, :math:`m = 1024`, :math:`p = 100`, :math:`d = 10`; :math:`A_i = r_i r_i^\top` rank one with
-:math:`\tfrac1n\sum_i A_i = \bar A` exactly (eigenvalues log-spaced in :math:`[0.1, 1]`), :math:`\bar C` with all
-singular values 0.1 plus rank-one noise :math:`C_i = \bar C + p_i q_i^\top - \tfrac1n\sum_k p_k q_k^\top`,
-:math:`B_i, H_j` rank one with means that have one zero eigenvalue, :math:`F_j` rank one around
-:math:`\bar F` (eigenvalues in :math:`[0.1, 1]`), :math:`K_j` like :math:`C_i`, vectors standard normal; float32;
-:math:`z_0 = 0`, :math:`x_0 = -2\cdot\mathbf 1`; mini-batches of 64 drawn with replacement.
-Full-batch quantities use the mean matrices, and the metric is the exact
-:math:`\|\nabla h(x)\|^2`, :math:`h(x) = f(z^\star(x), x)`, computed in float64 outside the timed region.
+The problem is benchopt's simulated quadratic drawn by our own generator (:mod:`benchmarks.quadratic_problem`:
+32,768 inner and 1,024 outer samples, :math:`z \in \mathbb R^{100}`, :math:`x \in \mathbb R^{10}`, float32,
+:math:`z_0 = 0`, :math:`x_0 = -2\cdot\mathbf 1`, mini-batches of 64 drawn with replacement); the metric is the exact
+:math:`\|\nabla h(x)\|^2` and :math:`h(x) = f(z^\star(x), x)` in float64, outside the timed region.
 
 Methods: ``bilevel``'s SOBA, F2SA, BOME (single loop, ``method.step`` + torch.optim SGD on x), AmIGO and
 StocBiO (strategies for ``bilevel.solve`` over ``TorchOptim`` SGD), and the deterministic ``Implicit(CG)``
 (lower problem solved from scratch by full-batch gradient descent at each outer step) and ``Unrolled``.
 Each runs for a wall-time budget. Separately, the per-iteration cost of each single-loop method is
-measured against a hand-written PyTorch loop of the same algorithm (same objectives, same autograd
+measured against a hand-written PyTorch loop of the same algorithm (:mod:`benchmarks.hand_loops`) (same objectives, same autograd
 calls, no library, plain update of x), interleaved in one process (target: ratio <= 1.2; medians, CPU medians
 and minima over the rounds are recorded, the minimum being the least sensitive to a loaded machine), both with
 torch.optim SGD on x (as users run it) and with an in-place update of x, and against an analytic eager
@@ -42,7 +28,6 @@ import math
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
@@ -59,6 +44,9 @@ from benchmarks.common import (  # noqa: E402
     time_interleaved,
     write_json,
 )
+from benchmarks.hand_loops import HAND, analytic_soba  # noqa: E402
+from benchmarks.outer_loops import single_loop_iteration, solve_iteration  # noqa: E402
+from benchmarks.quadratic_problem import STEPS, make_problem, metrics, samplers, x0, z0  # noqa: E402
 
 # benchopt's JAX timings on a 2-core machine like ours, idle (the issue's numbers): seconds to reach ||grad h||^2 <= target
 BENCHOPT_JAX = {"AmIGO": {"1e-2": 1.7, "1e-3": 3.5}, "SOBA": {"1e-2": 3.8, "3e-3": 6.9}}
@@ -67,128 +55,14 @@ PLOT_TITLE = "benchopt's quadratic (CPU, float32, batch 64)"
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The problem
-# ----------------------------------------------------------------------------------------------------------
-def _orthogonal(gen: torch.Generator, k: int) -> torch.Tensor:
-    return torch.linalg.qr(torch.randn(k, k, generator=gen, dtype=torch.float64))[0]
-
-
-def _spectrum_matrix(gen: torch.Generator, eig: torch.Tensor) -> torch.Tensor:
-    Q = _orthogonal(gen, eig.numel())
-    return Q @ torch.diag(eig) @ Q.T
-
-
-def _rows_with_second_moment(gen: torch.Generator, n: int, M: torch.Tensor) -> torch.Tensor:
-    """n rows r_i with (1/n) sum r_i r_i' = M exactly (M symmetric PSD): whitened Gaussians times M^{1/2}."""
-    X = torch.randn(n, M.shape[0], generator=gen, dtype=torch.float64)
-    L = torch.linalg.cholesky(X.T @ X / n)
-    X = torch.linalg.solve_triangular(L, X.T, upper=False).T
-    w, V = torch.linalg.eigh(M)
-    return X @ (V * w.clamp_min(0).sqrt()) @ V.T
-
-
-def _cross(gen: torch.Generator, n: int, d: int, p: int, sv: float, noise: float):
-    """Mean cross matrix (d, p) with all singular values ``sv``, and rank-one noise rows P (n, d), Q (n, p)."""
-    C = sv * _orthogonal(gen, d) @ _orthogonal(gen, p)[:d]
-    P = torch.randn(n, d, generator=gen, dtype=torch.float64) / d**0.5
-    Q = noise * torch.randn(n, p, generator=gen, dtype=torch.float64) / p**0.5
-    return C, P, Q, P.T @ Q / n
-
-
-def make_problem(n_inner: int = 32768, n_outer: int = 1024, p: int = 100, d: int = 10, mu: float = 0.1,
-                 L: float = 1.0, seed: int = 0, dtype: torch.dtype = torch.float32) -> SimpleNamespace:
-    gen = torch.Generator().manual_seed(seed)
-    logspace = torch.logspace(math.log10(mu), math.log10(L), p, dtype=torch.float64)
-    one_zero = torch.cat([torch.zeros(1, dtype=torch.float64),
-                          torch.logspace(math.log10(mu), math.log10(L), d - 1, dtype=torch.float64)])
-    A, F = _spectrum_matrix(gen, logspace), _spectrum_matrix(gen, logspace)
-    B, H = _spectrum_matrix(gen, one_zero), _spectrum_matrix(gen, one_zero)
-    R, S = _rows_with_second_moment(gen, n_inner, A), _rows_with_second_moment(gen, n_inner, B)
-    RF, SH = _rows_with_second_moment(gen, n_outer, F), _rows_with_second_moment(gen, n_outer, H)
-    C, Pc, Qc, Mc = _cross(gen, n_inner, d, p, 0.1, 0.1)
-    K, Pk, Qk, Mk = _cross(gen, n_outer, d, p, 0.1, 0.1)
-    def normal(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=gen, dtype=torch.float64)
-
-    a, b, fv, hv = normal(n_inner, p), normal(n_inner, d), normal(n_outer, p), normal(n_outer, d)
-    exact = SimpleNamespace(A=A, B=B, C=C, a=a.mean(0), b=b.mean(0), F=F, H=H, K=K, f=fv.mean(0), h=hv.mean(0))
-    cast = {k: v.to(dtype) for k, v in dict(R=R, S=S, RF=RF, SH=SH, CM=C - Mc, Pc=Pc, Qc=Qc, KM=K - Mk, Pk=Pk, Qk=Qk,
-                                             a=a, b=b, fv=fv, hv=hv, A=A, B=B, C=C, F=F, H=H, K=K).items()}
-    t = SimpleNamespace(**cast)
-    t.abar, t.bbar, t.fbar, t.hbar = (v.mean(0).to(dtype) for v in (a, b, fv, hv))
-
-    def g(x, z, idx):
-        r, s = t.R[idx], t.S[idx]
-        return (0.5 * (r @ z).square().mean() + 0.5 * (s @ x).square().mean() + x @ t.CM @ z
-                + ((t.Pc[idx] @ x) * (t.Qc[idx] @ z)).mean() + t.a[idx].mean(0) @ z + t.b[idx].mean(0) @ x)
-
-    def f(x, z, idx):
-        r, s = t.RF[idx], t.SH[idx]
-        return (0.5 * (r @ z).square().mean() + 0.5 * (s @ x).square().mean() + x @ t.KM @ z
-                + ((t.Pk[idx] @ x) * (t.Qk[idx] @ z)).mean() + t.fv[idx].mean(0) @ z + t.hv[idx].mean(0) @ x)
-
-    def g_full(x, z):  # the mean matrices: the full-batch lower objective
-        return 0.5 * z @ t.A @ z + 0.5 * x @ t.B @ x + x @ t.C @ z + t.abar @ z + t.bbar @ x
-
-    def f_full(x, z):
-        return 0.5 * z @ t.F @ z + 0.5 * x @ t.H @ x + x @ t.K @ z + t.fbar @ z + t.hbar @ x
-
-    J = -torch.linalg.solve(A, C.T)  # dz*/dx, (p, d)
-    reduced = H + K @ J + J.T @ K.T + J.T @ F @ J
-    return SimpleNamespace(g=g, f=f, g_full=g_full, f_full=f_full, exact=exact, J=J, reduced_hessian=reduced,
-                           n_inner=n_inner, n_outer=n_outer, p=p, d=d, dtype=dtype, t=t)
-
-
-def z_star(P: SimpleNamespace, x: torch.Tensor) -> torch.Tensor:
-    e = P.exact
-    return -torch.linalg.solve(e.A, e.C.T @ x.double() + e.a)
-
-
-def metrics(P: SimpleNamespace, x: torch.Tensor) -> Dict[str, float]:
-    """Exact ||grad h(x)||^2 and h(x) = f(z*(x), x) in float64 from the mean matrices."""
-    e, x = P.exact, x.detach().double()
-    z = z_star(P, x)
-    grad = e.H @ x + e.K @ z + e.h + P.J.T @ (e.F @ z + e.K.T @ x + e.f)
-    h = 0.5 * z @ e.F @ z + 0.5 * x @ e.H @ x + x @ e.K @ z + e.f @ z + e.h @ x
-    return {"grad_norm2": float(grad @ grad), "h": float(h)}
-
-
-# ----------------------------------------------------------------------------------------------------------
 # The methods: each builder returns (x, one_iteration) for the budget loop
 # ----------------------------------------------------------------------------------------------------------
-# Step sizes: tuned by hand once on this problem (a short grid, float32), then fixed.
-# (SOBA: rho, gamma in {0.05, 0.1, 0.3, 0.5}; AmIGO / StocBiO: x step in {1.0, 0.3, 0.1, 0.05}, inner and system
-# steps 0.3 or 0.1; F2SA: lam0 in {10, 100}; BOME: xi in {0.03, 0.1, 0.3}; Implicit(CG): 100 lower steps and CG(20)
-# or 50 and CG(10).)
-STEPS = {
-    "SOBA": {"rho": 0.1, "gamma": 0.05},
-    "AmIGO": {"inner_lr": 0.3, "inner_steps": 10, "v_lr": 0.3, "v_steps": 10, "gamma": 0.1},
-    "StocBiO": {"inner_lr": 0.3, "inner_steps": 10, "v_lr": 0.3, "v_steps": 10, "gamma": 0.1},
-    "F2SA": {"rho": 0.1, "gamma": 0.1, "lam": 100.0, "lam_growth": 0.01},
-    "BOME": {"alpha": 0.5, "xi": 0.03, "inner_steps": 10, "eta": 0.5},
-    "Implicit(CG)": {"lower_step": 1.0, "lower_steps": 50, "cg": 10, "gamma": 1.0},
-    "Unrolled": {"lower_step": 1.0, "lower_steps": 30, "gamma": 1.0},
-}
-
-
-def _x0(P) -> torch.Tensor:
-    return torch.full((P.d,), -2.0, dtype=P.dtype, requires_grad=True)
-
-
-def _z0(P) -> torch.Tensor:
-    return torch.zeros(P.p, dtype=P.dtype)
-
-
-def _samplers(P, batch: int, seed: int):
-    return bl.RandomBatches(P.n_inner, batch, seed=seed), bl.RandomBatches(P.n_outer, batch, seed=seed + 1)
-
-
 def single_loop(name: str, torch_optim: bool = True):
     """``method.step`` then torch.optim SGD on x (as users run it), or a plain in-place update of x."""
 
     def build(P, batch: int, seed: int):
         s = STEPS[name]
-        inner, outer = _samplers(P, batch, seed)
+        inner, outer = samplers(P, batch, seed)
         lower = bl.LowerProblem(P.g)
         if name == "SOBA":
             method, lr = bl.SOBA(lower, P.f, step_size=s["rho"], lower_batches=inner, upper_batches=outer), s["gamma"]
@@ -201,19 +75,15 @@ def single_loop(name: str, torch_optim: bool = True):
             method = bl.BOME(lower, P.f, step_size=s["alpha"], outer_step_size=s["xi"], inner_steps=s["inner_steps"],
                              eta=s["eta"], lower_batches=inner, upper_batches=outer)
             lr = s["xi"]
-        x = _x0(P)
+        x = x0(P)
         opt = torch.optim.SGD([x], lr=lr)
-        state = method.init(_z0(P))
-
-        def iteration() -> None:
-            x.grad = method.step(x, state)
-            opt.step()
+        state = method.init(z0(P))
 
         def iteration_inplace() -> None:
             with torch.no_grad():
                 x.sub_(lr * method.step(x, state))
 
-        return x, (iteration if torch_optim else iteration_inplace)
+        return x, (single_loop_iteration(method, x, opt, state) if torch_optim else iteration_inplace)
 
     return build
 
@@ -221,22 +91,12 @@ def single_loop(name: str, torch_optim: bool = True):
 def solve_then_hypergrad(name: str):
     def build(P, batch: int, seed: int):
         s = STEPS[name]
-        inner, outer = _samplers(P, batch, seed)
+        inner, outer = samplers(P, batch, seed)
         lower = bl.LowerProblem(P.g, solver=bl.TorchOptim(torch.optim.SGD, s["inner_steps"], batches=inner, lr=s["inner_lr"]))
         cls = bl.AmIGO if name == "AmIGO" else bl.StocBiO
         strategy = cls(inner, steps=s["v_steps"], step_size=s["v_lr"])
-        x = _x0(P)
-        opt = torch.optim.SGD([x], lr=s["gamma"])
-        z = [_z0(P)]
-
-        def iteration() -> None:
-            y = bl.solve(lower, x, z[0], strategy, check_finite=False)
-            P.f(x, y, outer()).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            z[0] = y.detach()
-
-        return x, iteration
+        x = x0(P)
+        return x, solve_iteration(lower, strategy, P.f, outer, x, torch.optim.SGD([x], lr=s["gamma"]), z0(P))
 
     return build
 
@@ -246,12 +106,12 @@ def deterministic(name: str):
         s = STEPS[name]
         lower = bl.LowerProblem(P.g_full, solver=bl.GradientDescent(s["lower_step"], s["lower_steps"]))
         strategy = bl.Implicit(bl.CG(maxiter=s["cg"])) if name == "Implicit(CG)" else bl.Unrolled()
-        x = _x0(P)
+        x = x0(P)
         opt = torch.optim.SGD([x], lr=s["gamma"])
-        z0 = _z0(P)
+        start = z0(P)
 
         def iteration() -> None:  # from scratch: z0 = 0 at every outer step
-            P.f_full(x, bl.solve(lower, x, z0, strategy, check_finite=False)).backward()
+            P.f_full(x, bl.solve(lower, x, start, strategy, check_finite=False)).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
 
@@ -311,96 +171,6 @@ def run_budget(P, name: str, budget_s: float, batch: int, seed: int,
 # ----------------------------------------------------------------------------------------------------------
 # Per-iteration cost: bilevel's single-loop steps against hand-written loops of the same algorithms
 # ----------------------------------------------------------------------------------------------------------
-def _grad(value, wrt, **kw):
-    return torch.autograd.grad(value, wrt, **kw)
-
-
-def hand_soba(P, batch: int, seed: int):
-    s, (inner, outer) = STEPS["SOBA"], _samplers(P, batch, seed)
-    it = {"x": _x0(P).detach(), "z": _z0(P), "v": _z0(P)}
-
-    def iteration() -> None:
-        x, z, v = it["x"].requires_grad_(), it["z"].requires_grad_(), it["v"]
-        i, j = inner(), outer()
-        with torch.enable_grad():
-            (gz,) = _grad(P.g(x, z, i), z, create_graph=True)
-            cross, hv = _grad(gz, (x, z), grad_outputs=v)
-            fx, fz = _grad(P.f(x, z, j), (x, z))
-        it["z"] = z.detach() - s["rho"] * gz.detach()
-        it["v"] = v - s["rho"] * (hv + fz)
-        it["x"] = x.detach() - s["gamma"] * (cross + fx)
-
-    return iteration
-
-
-def hand_f2sa(P, batch: int, seed: int):
-    s, (inner, outer) = STEPS["F2SA"], _samplers(P, batch, seed)
-    it = {"x": _x0(P).detach(), "z": _z0(P), "y": _z0(P), "lam": s["lam"], "t": 0}
-
-    def iteration() -> None:
-        x, y, z, lam = it["x"].requires_grad_(), it["y"].requires_grad_(), it["z"].requires_grad_(), it["lam"]
-        i, j = inner(), outer()
-        gxz, gz = _grad(P.g(x, z, i), (x, z))
-        gxy, gy = _grad(P.g(x, y, i), (x, y))
-        fx, fy = _grad(P.f(x, y, j), (x, y))
-        it["z"] = z.detach() - s["rho"] * gz
-        it["y"] = y.detach() - (s["rho"] / lam) * fy - s["rho"] * gy
-        it["x"] = x.detach() - s["gamma"] * (fx + lam * (gxy - gxz))
-        it["lam"] = lam + s["lam_growth"] / (it["t"] + 1) ** (1 / 7)
-        it["t"] += 1
-
-    return iteration
-
-
-def hand_bome(P, batch: int, seed: int):
-    s, (inner, outer) = STEPS["BOME"], _samplers(P, batch, seed)
-    it = {"x": _x0(P).detach(), "y": _z0(P)}
-
-    def iteration() -> None:
-        x, y = it["x"].requires_grad_(), it["y"].requires_grad_()
-        i, j = inner(), outer()
-        xc, theta = x.detach(), y.detach()
-        for _ in range(s["inner_steps"]):
-            theta = theta.requires_grad_()
-            (d,) = _grad(P.g(xc, theta, i), theta)
-            theta = theta.detach() - s["alpha"] * d
-        (gxt,) = _grad(P.g(x, theta, i), x)
-        gx, gy = _grad(P.g(x, y, i), (x, y))
-        fx, fy = _grad(P.f(x, y, j), (x, y))
-        qx = gx - gxt
-        nq = qx @ qx + gy @ gy
-        lam = torch.clamp_min((s["eta"] * nq - fx @ qx - fy @ gy) / nq.clamp_min(torch.finfo(nq.dtype).tiny), 0.0)
-        it["y"] = y.detach() - s["xi"] * (fy + lam * gy)
-        it["x"] = x.detach() - s["xi"] * (fx + lam * qx)
-
-    return iteration
-
-
-def analytic_soba(P, batch: int, seed: int, compile: bool = False):
-    """The SOBA iteration with the quadratic's derivatives as matrix products (no autograd): the eager floor, and
-    with ``compile`` the same function under ``torch.compile``."""
-    s, (inner, outer), t = STEPS["SOBA"], _samplers(P, batch, seed), P.t
-    it = {"x": _x0(P).detach(), "z": _z0(P), "v": _z0(P)}
-    inv = 1.0 / batch
-
-    def update(x, z, v, i, j):
-        r, pc, qc = t.R[i], t.Pc[i], t.Qc[i]
-        gz = inv * (r.T @ (r @ z) + qc.T @ (pc @ x)) + t.CM.T @ x + t.a[i].mean(0)
-        hv = inv * (r.T @ (r @ v))
-        cross = t.CM @ v + inv * (pc.T @ (qc @ v))
-        rf, sh, pk, qk = t.RF[j], t.SH[j], t.Pk[j], t.Qk[j]
-        fz = inv * (rf.T @ (rf @ z) + qk.T @ (pk @ x)) + t.KM.T @ x + t.fv[j].mean(0)
-        fx = inv * (sh.T @ (sh @ x) + pk.T @ (qk @ z)) + t.KM @ z + t.hv[j].mean(0)
-        return x - s["gamma"] * (cross + fx), z - s["rho"] * gz, v - s["rho"] * (hv + fz)
-
-    fn = torch.compile(update) if compile else update
-
-    def iteration() -> None:
-        it["x"], it["z"], it["v"] = fn(it["x"], it["z"], it["v"], inner(), outer())
-
-    return iteration
-
-
 def compiled_steps(P, batch: int, seed: int, iters: int, repeats: int) -> Dict[str, Any]:
     """What torch.compile buys: the analytic SOBA step, and bilevel's F2SA step (first order), eager vs compiled.
 
@@ -408,15 +178,15 @@ def compiled_steps(P, batch: int, seed: int, iters: int, repeats: int) -> Dict[s
     AOT autograd does not support (the error is recorded)."""
     out: Dict[str, Any] = {}
     t0 = time.perf_counter()
-    contenders = {"analytic SOBA, eager": analytic_soba(P, batch, seed),
-                  "analytic SOBA, torch.compile": analytic_soba(P, batch, seed, compile=True)}
-    f2sa_inner, f2sa_outer = _samplers(P, batch, seed)
+    contenders = {"analytic SOBA, eager": analytic_soba(P, batch, seed)[1],
+                  "analytic SOBA, torch.compile": analytic_soba(P, batch, seed, compile=True)[1]}
+    f2sa_inner, f2sa_outer = samplers(P, batch, seed)
     s = STEPS["F2SA"]
-    x = {"eager": _x0(P).detach(), "compiled": _x0(P).detach()}
+    x = {"eager": x0(P).detach(), "compiled": x0(P).detach()}
     for mode in ("eager", "compiled"):
         method = bl.F2SA(bl.LowerProblem(P.g), P.f, step_size=s["rho"], lam=s["lam"], lower_batches=f2sa_inner,
                          upper_batches=f2sa_outer)
-        state = method.init(_z0(P))
+        state = method.init(z0(P))
         step = torch.compile(method.step) if mode == "compiled" else method.step
 
         def iteration(mode=mode, step=step, state=state) -> None:
@@ -432,7 +202,7 @@ def compiled_steps(P, batch: int, seed: int, iters: int, repeats: int) -> Dict[s
                                    "min_ms": 1e3 * tm["min_s"] / iters} for k, tm in zip(contenders, timings)}
     try:
         soba = bl.SOBA(bl.LowerProblem(P.g), P.f, lower_batches=f2sa_inner, upper_batches=f2sa_outer)
-        torch.compile(soba.step)(_x0(P).detach(), soba.init(_z0(P)))
+        torch.compile(soba.step)(x0(P).detach(), soba.init(z0(P)))
         out["bilevel_soba_step_compiles"] = True
     except Exception as exc:  # noqa: BLE001 - recorded, not hidden
         out["bilevel_soba_step_compiles"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
@@ -442,9 +212,6 @@ def compiled_steps(P, batch: int, seed: int, iters: int, repeats: int) -> Dict[s
     return out
 
 
-HAND = {"SOBA": hand_soba, "F2SA": hand_f2sa, "BOME": hand_bome}
-
-
 def per_iteration_cost(P, batch: int, seed: int, iters: int, repeats: int, warmup: int) -> List[Dict[str, Any]]:
     """Median seconds per iteration of bilevel's step (+ torch.optim SGD on x) vs the hand-written loop, interleaved."""
     rows = []
@@ -452,9 +219,9 @@ def per_iteration_cost(P, batch: int, seed: int, iters: int, repeats: int, warmu
         n = max(iters // (5 if name == "BOME" else 1), 1)
         contenders = {"bilevel": METHODS[name](P, batch, seed)[1],
                       "bilevel, in-place x update": single_loop(name, torch_optim=False)(P, batch, seed)[1],
-                      "hand-written": HAND[name](P, batch, seed)}
+                      "hand-written": HAND[name](P, batch, seed)[1]}
         if name == "SOBA":
-            contenders["analytic (no autograd)"] = analytic_soba(P, batch, seed)
+            contenders["analytic (no autograd)"] = analytic_soba(P, batch, seed)[1]
         fns = [(lambda f=f, n=n: [f() for _ in range(n)]) for f in contenders.values()]
         timings = time_interleaved(fns, repeats=repeats, warmup=warmup)
         per = {k: {key: 1e3 * tm[src] / n for key, src in (("median_ms", "median_s"), ("cpu_median_ms", "cpu_median_s"),
@@ -529,10 +296,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     batch = 64
     P = make_problem(seed=args.seed, **sizes)
     eig = torch.linalg.eigvalsh(P.reduced_hessian)
-    x0 = torch.full((P.d,), -2.0)
+    start = torch.full((P.d,), -2.0)
     info = {"n_inner": P.n_inner, "n_outer": P.n_outer, "p": P.p, "d": P.d, "batch": batch, "dtype": "float32",
             "reduced_hessian_eigs": [float(eig.min()), float(eig.max())], "reduced_hessian_cond": float(eig.max() / eig.min()),
-            "grad_norm2_at_x0": metrics(P, x0)["grad_norm2"], "h_at_x0": metrics(P, x0)["h"]}
+            "grad_norm2_at_x0": metrics(P, start)["grad_norm2"], "h_at_x0": metrics(P, start)["h"]}
     print(f"problem: {info}", flush=True)
     results: Dict[str, Any] = {
         "benchmark": "stochastic_quadratic", "machine": machine_info("cpu"), "tiny": args.tiny,
