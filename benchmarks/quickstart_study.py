@@ -218,14 +218,18 @@ def _test_rows(records: List[Dict[str, Any]], method: str, aa_n: int) -> Optiona
         return None
     best = [r["test"]["best"] for r in rs]
     last = [r["test"]["last"] for r in rs]
-    aa = [b.get("autoattack") for b in best]
-    aa = [a for a in aa if a and a["n"] == aa_n]
+    aa_runs = [r for r in rs if (r["test"]["best"].get("autoattack") or {}).get("n") == aa_n]
+    aa = [r["test"]["best"]["autoattack"] for r in aa_runs]
+    checked = [a for a in aa if a.get("warnings") is not None]  # evaluations that recorded AutoAttack's checks
     return {"method": method, "seeds": [r["spec"]["seed"] for r in rs],
             "best_epoch": [r["best_epoch"] for r in rs],
             "best_clean": _dist([b["clean_acc"] for b in best]), "best_pgd": _dist([b["pgd_acc"] for b in best]),
             "last_clean": _dist([v["clean_acc"] for v in last]), "last_pgd": _dist([v["pgd_acc"] for v in last]),
             "best_minus_last_pgd_max": max(b["pgd_acc"] - v["pgd_acc"] for b, v in zip(best, last)),
             "best_aa": _dist([a["aa_acc"] for a in aa]), "aa_n": aa_n if aa else None,
+            "aa_seeds": [r["spec"]["seed"] for r in aa_runs],
+            "best_pgd_aa_seeds": _dist([r["test"]["best"]["pgd_acc"] for r in aa_runs]),
+            "aa_checked": len(checked), "aa_warned_seeds": [r["spec"]["seed"] for r, a in zip(aa_runs, aa) if a.get("warnings")],
             "co_runs": sum(r["co_detected"] for r in rs), "runs": len(rs),
             "s_per_epoch": statistics.mean(r["s_per_epoch"] for r in rs),
             "wall_time_s": _dist([r["wall_time_s"] for r in rs])}
@@ -258,6 +262,13 @@ def summarize(out: Path, aa_n: int, name: str = NAME) -> Dict[str, Any]:
     write_json(out.parent / f"{name}.json", summary)
     (out.parent / f"{name}.md").write_text(markdown(summary), encoding="utf-8")
     return summary
+
+
+def _warned(row: Dict[str, Any]) -> str:
+    if not row.get("aa_checked"):
+        return "–"
+    seeds = row["aa_warned_seeds"]
+    return f"{len(seeds)}/{row['aa_checked']}" + (f" (seed {','.join(map(str, seeds))})" if seeds else "")
 
 
 LABELS = {"fast_bat_t1": "Fast-BAT (quickstart)", "fast_at": "Fast-AT", "pgd10": "PGD-10-AT"}
@@ -296,13 +307,17 @@ def markdown(summary: Dict[str, Any]) -> str:
                   "", f"Criterion: {crit}.", ""]
     if summary["compare"]:
         lines += ["## Comparison: seeds 0-4, cpu_threads 1", "",
-                  markdown_table(["method", "seeds", "best clean", "best PGD-50", "best AutoAttack", "last clean",
-                                  "last PGD-50", "CO", "s/epoch"],
+                  markdown_table(["method", "seeds", "best clean", "best PGD-50", "best AutoAttack (seeds)",
+                                  "same checkpoints' PGD-50", "AA warned", "last clean", "last PGD-50", "CO", "s/epoch"],
                                  [[LABELS[r["method"]], ",".join(map(str, r["seeds"])), _fmt(r["best_clean"]),
                                    _fmt(r["best_pgd"]),
-                                   _fmt(r["best_aa"]) + (f" (n={r['aa_n']})" if r["aa_n"] else ""),
+                                   _fmt(r["best_aa"]) + (f" ({','.join(map(str, r.get('aa_seeds', [])))}; n={r['aa_n']})"
+                                                         if r["aa_n"] else ""),
+                                   _fmt(r.get("best_pgd_aa_seeds")), _warned(r),
                                    _fmt(r["last_clean"]), _fmt(r["last_pgd"]), f"{r['co_runs']}/{r['runs']}",
-                                   f"{r['s_per_epoch']:.1f}"] for r in summary["compare"]]), ""]
+                                   f"{r['s_per_epoch']:.1f}"] for r in summary["compare"]]),
+                  "", "AA warned: evaluations in which AutoAttack's own checks warned (e.g. Square, a black-box "
+                  "attack, finding points the gradient attacks missed), of those that recorded its checks.", ""]
     return "\n".join(lines)
 
 

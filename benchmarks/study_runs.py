@@ -134,7 +134,8 @@ def autoattack_best(checkpoint: Path, aa: Dict[str, Any]) -> Dict[str, Any]:
     if r["accuracy"] is None:
         raise ImportError(r["skipped"])
     return {"n": aa["n"], "n_used": out["n"], "version": aa["version"], "clean_acc": r["clean_acc"],
-            "aa_acc": r["accuracy"], "time_s": r["time_s"]}
+            "aa_acc": r["accuracy"], "per_attack": r.get("per_attack"), "warnings": r.get("warnings"),
+            "time_s": r["time_s"]}
 
 
 def needs_autoattack(path: Path, aa: Dict[str, Any]) -> bool:

@@ -120,7 +120,10 @@ def evaluate_checkpoint(path: Path, attacks: List[str], n: Optional[int] = None,
                 version: Any = aa_version if aa_version in AA_VERSIONS else [a.strip() for a in aa_version.split(",")]
                 r = autoattack_accuracy(model, data.test.x[:n], data.test.y[:n], eps, version=version,
                                         batch_size=bs, seed=cfg.seed, device=dev)
-                res = {"accuracy": r["robust_acc"], "clean_acc": r["clean_acc"], "version": aa_version}
+                res = {"accuracy": r["robust_acc"], "clean_acc": r["clean_acc"], "version": aa_version,
+                       "per_attack": r["per_attack"], "warnings": r["warnings"]}
+                for msg in r["warnings"]:
+                    log(f"WARNING: AutoAttack's check: {msg}")
             except ImportError as exc:
                 log(f"AutoAttack skipped: {exc}")
                 res = {"accuracy": None, "skipped": str(exc)}

@@ -11,6 +11,8 @@ catastrophic-overfitting signature (training attack vs PGD on the same images).
 
 from __future__ import annotations
 
+import logging
+import re
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -109,6 +111,30 @@ def robust_accuracy(model: nn.Module, x_all: Tensor, y_all: Tensor, eps: float, 
     return {"clean_acc": clean.item() / n, "robust_acc": robust.item() / n, "n": n}
 
 
+logger = logging.getLogger(__name__)
+
+
+class _AutoAttackLog(logging.Handler):
+    """What ``pyautoattack`` only logs: the robust accuracy after each attack (over all images, the attacks
+    run in turn on the points still robust) and its warnings, such as Square, a black-box attack, finding
+    adversarial examples that the gradient-based attacks missed (a sign of gradient masking)."""
+
+    _AFTER = re.compile(r"robust accuracy after ([A-Za-z0-9-]+): ([0-9.]+)%")
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.per_attack: Dict[str, float] = {}
+        self.warnings: List[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = record.getMessage()
+        match = self._AFTER.search(msg)
+        if match:
+            self.per_attack[match.group(1).lower()] = float(match.group(2)) / 100
+        elif record.levelno >= logging.WARNING:
+            self.warnings.append(msg)
+
+
 def autoattack_accuracy(model: nn.Module, x: Tensor, y: Tensor, eps: float,
                         version: Union[str, Sequence[str]] = "standard", batch_size: int = 500, seed: int = 0,
                         device: Optional[torch.device] = None) -> Dict[str, float]:
@@ -121,7 +147,10 @@ def autoattack_accuracy(model: nn.Module, x: Tensor, y: Tensor, eps: float,
     The model is evaluated in eval mode (previous modes restored). ``x`` may be uint8 or float in [0, 1].
 
     Returns:
-        ``{"clean_acc": float, "robust_acc": float, "n": int}``.
+        ``{"clean_acc", "robust_acc", "n", "per_attack", "warnings"}``: ``per_attack`` the robust accuracy after
+        each attack in the order run (as ``pyautoattack`` reports it, to 0.01 %; it stops once no image is
+        left robust), ``warnings`` the checks it
+        raised (each also logged here as a warning). An empty ``warnings`` is not a proof of robustness.
     """
     try:
         from pyautoattack import AutoAttack
@@ -141,15 +170,29 @@ def autoattack_accuracy(model: nn.Module, x: Tensor, y: Tensor, eps: float,
         kwargs = {"version": "custom", "attacks": list(version)}
     images = as_images(x, device)
     labels = y.to(device)
-    with EvalMode(model):
-        adversary = AutoAttack(model, norm="Linf", eps=float(eps), device=device, seed=int(seed), **kwargs)
-        with torch.no_grad():
-            clean = torch.zeros((), dtype=torch.long, device=device)
-            for start in range(0, images.shape[0], int(batch_size)):
-                clean += (model(images[start:start + batch_size]).argmax(dim=1) == labels[start:start + batch_size]).sum()
-        _, y_adv = adversary.run_standard_evaluation(images, labels, batch_size=int(batch_size))
+    aa_logger = logging.getLogger("auto-attack")  # pyautoattack's logger
+    capture, saved = _AutoAttackLog(), (aa_logger.level, aa_logger.propagate)
+    aa_logger.addHandler(capture)
+    aa_logger.setLevel(logging.DEBUG)  # its per-attack accuracies are debug records
+    aa_logger.propagate = False  # ... which must not reach the application's handlers
+    try:
+        with EvalMode(model):
+            adversary = AutoAttack(model, norm="Linf", eps=float(eps), device=device, seed=int(seed), **kwargs)
+            with torch.no_grad():
+                clean = torch.zeros((), dtype=torch.long, device=device)
+                for start in range(0, images.shape[0], int(batch_size)):
+                    clean += (model(images[start:start + batch_size]).argmax(dim=1)
+                              == labels[start:start + batch_size]).sum()
+            _, y_adv = adversary.run_standard_evaluation(images, labels, batch_size=int(batch_size))
+    finally:
+        aa_logger.removeHandler(capture)
+        aa_logger.setLevel(saved[0])
+        aa_logger.propagate = saved[1]
+    for msg in capture.warnings:
+        logger.warning("AutoAttack: %s", msg)
     n = int(images.shape[0])
-    return {"clean_acc": clean.item() / n, "robust_acc": (y_adv.to(labels.device) == labels).sum().item() / n, "n": n}
+    return {"clean_acc": clean.item() / n, "robust_acc": (y_adv.to(labels.device) == labels).sum().item() / n, "n": n,
+            "per_attack": capture.per_attack, "warnings": capture.warnings}
 
 
 def _shard_range(n: int, ctx: DistContext) -> Tensor:

@@ -38,9 +38,12 @@ def autoattack(tr: Trainer, model: nn.Module, entry: Dict[str, Any]) -> None:
         tr.log(f"WARNING: AutoAttack failed ({entry['autoattack_error']}); the PGD results are saved")
         return
     entry.update({"autoattack_acc": r["robust_acc"], "autoattack_n": r["n"],
-                  "autoattack_time_s": time.perf_counter() - t0})
+                  "autoattack_time_s": time.perf_counter() - t0, "autoattack_per_attack": r["per_attack"],
+                  "autoattack_warnings": r["warnings"]})
     tr.log(f"test (standard AutoAttack, eps {cfg.eps:.5g}): best checkpoint, first {r['n']} test images: "
              f"robust_acc {r['robust_acc']:.4f} (clean {r['clean_acc']:.4f})")
+    for msg in r["warnings"]:  # AutoAttack's own checks: its number may overstate the robustness
+        tr.log(f"WARNING: AutoAttack's check: {msg}")
 
 
 def final_evaluation(tr: Trainer, train_time: float, wall: float) -> Dict[str, Any]:

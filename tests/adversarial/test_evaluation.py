@@ -69,3 +69,46 @@ def test_autoattack_apgd_on_linear_model() -> None:
     out = autoattack_accuracy(model, x.float(), y, eps, version=["apgd-ce"], batch_size=10, seed=0)
     assert out["n"] == 20 and out["robust_acc"] < out["clean_acc"]
     assert out["robust_acc"] == pytest.approx(robust, abs=1 / 20 + 1e-9)  # one float32 tie at most
+    # the accuracy after each attack, as pyautoattack logs it (to 0.01 %): here the one attack's, the final one
+    assert out["per_attack"] == {"apgd-ce": pytest.approx(out["robust_acc"], abs=1e-4)}
+    assert out["warnings"] == []
+
+
+class Quantized(nn.Module):
+    """A linear classifier of the input rounded to quarters: its gradient is zero almost everywhere, so
+    gradient attacks stall while a black-box search still finds adversarial examples (gradient masking)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(16, 2)
+        w = torch.randn(16, generator=torch.Generator().manual_seed(1))
+        w = w - w.mean()  # the mid-grey image on the boundary
+        with torch.no_grad():
+            self.linear.weight.copy_(torch.stack([w, -w]))  # logit difference 2 w.x: margins of either sign
+            self.linear.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(torch.round(4 * x.flatten(1)) / 4)
+
+
+@pytest.mark.skipif(not HAS_AUTOATTACK, reason="pyautoattack is not installed")
+def test_autoattack_reports_its_checks_when_gradients_are_masked(caplog) -> None:
+    """Square (black box) beats APGD-CE on a model with zero gradients: AutoAttack's own checks fire, and
+    they come back in ``warnings`` (and as warnings of our logger); pyautoattack's logger is left as found."""
+    import logging
+
+    model = Quantized()
+    x = torch.rand(40, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y = model(x).argmax(1)  # every image correctly classified
+    aa_logger = logging.getLogger("auto-attack")
+    before = (aa_logger.level, aa_logger.propagate, list(aa_logger.handlers))
+    with caplog.at_level(logging.WARNING, logger="applications.adversarial.evaluation"):
+        out = autoattack_accuracy(model, x, y, 0.3, version=["apgd-ce", "square"], batch_size=40, seed=0)
+    assert (aa_logger.level, aa_logger.propagate, list(aa_logger.handlers)) == before
+    per = out["per_attack"]
+    assert list(per) == ["apgd-ce", "square"] and per["square"] < per["apgd-ce"]  # square found what APGD missed
+    assert per["square"] == pytest.approx(out["robust_acc"], abs=1e-4)
+    assert any("Square Attack has decreased the robust accuracy" in w for w in out["warnings"])
+    logged = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert sum(m.startswith("AutoAttack: ") for m in logged) == len(out["warnings"])

@@ -227,6 +227,13 @@ def test_autoattack_on_the_best_checkpoint_is_recorded_and_printed(tmp_path, cap
     test = load_run_data(cfg, torch.device("cpu"), need_train=False).test
     direct = autoattack_accuracy(model, test.x[:30], test.y[:30], cfg.eps, seed=cfg.seed)
     assert best["autoattack_acc"] == direct["robust_acc"] <= direct["clean_acc"]
+    # the accuracy after each of standard AutoAttack's attacks, the last one its result, and its checks' warnings
+    per = best["autoattack_per_attack"]
+    order = ["apgd-ce", "apgd-t", "fab-t", "square"]
+    assert list(per) == order[:len(per)] and per and per == direct["per_attack"]  # it stops once nothing is robust
+    assert list(per.values()) == sorted(per.values(), reverse=True)  # each attack runs on the points still robust
+    assert list(per.values())[-1] == pytest.approx(best["autoattack_acc"], abs=1e-4)
+    assert best["autoattack_warnings"] == direct["warnings"]
 
 
 def test_autoattack_without_pyautoattack_is_a_config_error(tmp_path, capsys, monkeypatch):

@@ -113,6 +113,7 @@ def test_a_tiny_study_writes_each_run_and_resumes(tmp_path):
         assert (aa is not None) == (rec["spec"]["seed"] == 0)  # --aa-seeds defaults to seed 0
         if aa is not None:
             assert aa["version"] == "apgd-ce" and aa["n"] == 20 and aa["aa_acc"] <= aa["clean_acc"]
+            assert aa["per_attack"] == {"apgd-ce": pytest.approx(aa["aa_acc"], abs=1e-4)} and aa["warnings"] == []
     summary = json.loads((tmp_path / "json").parent.joinpath("small_scale_tiny.json").read_text())
     assert {r["method"] for r in summary["rows"]} == {"fast_at", "fast_bat"} and summary["runs"] == 4
     mtimes = [p.stat().st_mtime_ns for p in paths]
