@@ -94,3 +94,23 @@ def test_options_are_checked_before_any_attack_runs(run_dir, tmp_path, monkeypat
     rc = evaluate_module.main([str(run_dir / "last.pt"), "--attacks", "clean,pgd,autoattack", *bad])
     err = capsys.readouterr().err
     assert rc == 2 and message in err, err
+
+
+def test_autoattacks_checks_are_printed_and_recorded(run_dir, tmp_path, monkeypatch, capsys):
+    """A check AutoAttack raises (here, as if Square had beaten the gradient attacks) is printed as a warning
+    and kept in the JSON beside the accuracy after each attack."""
+    from applications.adversarial import evaluate as evaluate_module
+
+    flag = "Square Attack has decreased the robust accuracy of 1.40%."
+
+    def fake(model, x, y, eps, **kwargs):
+        return {"clean_acc": 0.9, "robust_acc": 0.5, "n": len(y), "per_attack": {"apgd-ce": 0.6, "square": 0.5},
+                "warnings": [flag]}
+
+    monkeypatch.setattr(evaluate_module, "autoattack_accuracy", fake)
+    out = tmp_path / "e.json"
+    rc = evaluate_module.main([str(run_dir / "last.pt"), "--attacks", "autoattack", "--n", "20", "--output", str(out)])
+    printed = capsys.readouterr()
+    assert rc == 0 and f"WARNING: AutoAttack's check: {flag}" in printed.out + printed.err
+    res = json.loads(out.read_text())["results"]["autoattack"]
+    assert res["warnings"] == [flag] and res["per_attack"] == {"apgd-ce": 0.6, "square": 0.5} and res["accuracy"] == 0.5
