@@ -134,18 +134,17 @@ class Trainer:
     # ----------------------------------------------------------------------------------- setup
 
     def _on_main(self, action: Any) -> None:
-        """Runs ``action`` on rank 0; a RunDirError (or an OSError, as one) there is raised on every rank."""
-        error = None
-        if self.ctx.is_main:
+        """Runs ``action`` on rank 0 (an OSError there as a RunDirError naming the run directory); if it fails,
+        rank 0 raises the error and the other ranks :class:`~applications.common.distributed.StoppedElsewhere`
+        (:func:`~applications.common.distributed.on_main`): every rank stops, one reports."""
+
+        def guarded() -> None:
             try:
                 action()
-            except RunDirError as exc:
-                error = str(exc)
             except OSError as exc:
-                error = f"cannot write to the run directory {self.run_dir}: {exc}"
-        error = dist_lib.broadcast_object(error, self.ctx)  # every rank fails together
-        if error:
-            raise RunDirError(error)
+                raise RunDirError(f"cannot write to the run directory {self.run_dir}: {exc}") from None
+
+        dist_lib.on_main(self.ctx, guarded)
 
     def _setup(self) -> None:
         cfg, ctx = self.cfg, self.ctx
@@ -154,7 +153,8 @@ class Trainer:
         random.seed(cfg.seed)
         np.random.seed(cfg.seed % 2**32)  # noqa: NPY002  (legacy global state, for third-party code)
         torch.manual_seed(cfg.seed)
-        self.data = load_run_data(cfg, self.device)
+        # every rank reads the data; if one cannot (a node without the files), all stop and rank 0 says which
+        self.data = dist_lib.agree(ctx, lambda: load_run_data(cfg, self.device))
         self.n_train = len(self.data.train)
         self.spe = self.n_train // cfg.train.batch_size  # the last incomplete batch is dropped
         if self.spe == 0:

@@ -16,16 +16,23 @@ step is abandoned), except inside a write, which is finished first
 * ``Interrupted`` prints one line, ``interrupted by SIGINT: <how to resume>``, and exits 130
   (SIGINT) or 143 (SIGTERM);
 * anything else is a bug and keeps its traceback.
+
+Under ``torchrun`` (``RANK`` set) an error that rank 0 reports for the whole run (one it raises itself, or that
+every rank meets alike: :func:`~applications.common.distributed.silent_exit_code`) ends the other ranks silently
+with the same status, so the run prints one line; a collective that fails because another process is gone is one
+line on rank 0, ``error: another process of the run stopped (...)``, exit 4.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from pathlib import Path
 from typing import Callable, List, Optional
 
+from .distributed import EXIT_PEER_LOST, leave_silently, peer_lost, peer_lost_reason, silent_exit_code
 from .errors import EXIT_DIVERGED, EXIT_USAGE, Diverged, UserError
 from .interrupts import Interrupted, interrupts_raise
 
@@ -66,7 +73,7 @@ def run_command(body: Callable[[ResumeHint], int], hint: Optional[ResumeHint] = 
     prefix = f"{prog}: " if prog else ""
     try:
         with interrupts_raise():
-            return body(hint)
+            return _on_this_rank(body, hint, prefix)
     except Interrupted as exc:
         print(f"\n{prefix}interrupted by {signal.Signals(exc.signum).name}: {hint.message()}", file=sys.stderr,
               flush=True)
@@ -80,3 +87,27 @@ def run_command(body: Callable[[ResumeHint], int], hint: Optional[ResumeHint] = 
     except (UserError, OSError) as exc:
         print(f"{prefix}error: {exc}", file=sys.stderr, flush=True)
         return EXIT_USAGE
+
+
+def _rank() -> int:
+    """torchrun's ``RANK`` (0 when unset or not an integer: joining the process group names that error)."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def _on_this_rank(body: Callable[[ResumeHint], int], hint: ResumeHint, prefix: str) -> int:
+    """``body(hint)``; on a rank other than 0, an error that rank 0 reports ends it silently with that error's
+    status, and on any rank a lost peer is one line (exit 4)."""
+    try:
+        return body(hint)
+    except BaseException as exc:
+        code = silent_exit_code(exc) if _rank() > 0 else None
+        if code is not None:
+            return leave_silently(code)
+        if peer_lost(exc):
+            print(f"{prefix}error: another process of the run stopped ({peer_lost_reason(exc)}); {hint.message()}",
+                  file=sys.stderr, flush=True)
+            return EXIT_PEER_LOST
+        raise

@@ -30,13 +30,6 @@ from typing import List, Optional
 from applications.common.atomic import write_json
 from applications.common.cli import ResumeHint, parse_args, run_command
 from applications.common.config import ConfigError
-from applications.common.distributed import (
-    EXIT_PEER_LOST,
-    leave_silently,
-    peer_lost,
-    peer_lost_reason,
-    silent_exit_code,
-)
 
 from .config import load_config
 
@@ -94,24 +87,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.steps=100 methods=[amigo]")
     args = parse_args(parser, argv)
-    return run_command(lambda hint: _on_this_rank(args, argv, hint))
-
-
-def _on_this_rank(args: argparse.Namespace, argv: List[str], hint: ResumeHint) -> int:
-    """The run; on a rank other than 0 of a torchrun launch, an error that rank 0 reports ends it silently, and a
-    lost peer is one line on rank 0 (:func:`~applications.common.distributed.silent_exit_code`)."""
-    rank = _env_int("RANK", 0)
-    try:
-        return _run(args, argv, hint)
-    except BaseException as exc:
-        code = silent_exit_code(exc) if rank > 0 else None
-        if code is not None:
-            return leave_silently(code)
-        if peer_lost(exc):
-            print(f"error: another process of the run stopped ({peer_lost_reason(exc)}); {hint.message()}",
-                  file=sys.stderr, flush=True)
-            return EXIT_PEER_LOST
-        raise
+    return run_command(lambda hint: _run(args, argv, hint))
 
 
 if __name__ == "__main__":

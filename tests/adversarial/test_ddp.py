@@ -111,3 +111,38 @@ def test_fast_bat_two_processes_match_one(tmp_path):
                           capture_output=True, text=True, timeout=300, env=ENV)
     assert proc.returncode != 0
     assert "train.batch_size=63 (the global batch) must be divisible by the number of processes 2" in proc.stderr
+
+
+def _our_lines(stderr: str):
+    """The command's own messages, without torchrun's report and the warnings."""
+    return [line for line in stderr.splitlines() if line.startswith(("error", "interrupted by", "  - "))]
+
+
+@pytest.mark.slow
+def test_an_error_is_one_line_and_every_rank_exits_with_its_status(tmp_path):
+    """A run directory that is a file (rank 0 alone takes it), a global batch the processes cannot split (every
+    rank), and a corrupt dataset file (every rank reads it): one error line each, not one per rank, and
+    torchrun's report has rank 0 first with the command's exit status 2."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(dict(CONFIG, output={"dir": str(tmp_path), "name": "file"})))
+    (tmp_path / "file").write_text("")
+    (tmp_path / "corrupt.npz").write_bytes(b"not an npz file")
+    cases = {
+        (): [f"error: run directory {tmp_path / 'file'} is a file; choose another output.dir / output.name"],
+        ("output.name=odd", "train.batch_size=63"): [
+            "error: invalid configuration (1 problem):",
+            "  - train.batch_size=63 (the global batch) must be divisible by the number of processes 2"],
+        ("output.name=nodata", "data.name=npz", f"data.path={tmp_path / 'corrupt.npz'}"): None,
+    }
+    for overrides, expected in cases.items():
+        cmd = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(TRAIN), "--no-progress",
+               "--config", str(cfg), *overrides]
+        proc = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, timeout=300, env=ENV)
+        lines = _our_lines(proc.stderr)
+        if expected is None:  # the data error names the unreadable file, once
+            assert len(lines) == 1 and "corrupt.npz" in lines[0], proc.stderr[-3000:]
+        else:
+            assert lines == expected, proc.stderr[-3000:]
+        assert proc.returncode != 0 and f'File "{REPO / "applications"}' not in proc.stderr  # no traceback of ours
+        root = proc.stderr.split("Root Cause")[1]
+        assert "rank      : 0" in root and "exitcode  : 2 " in root, proc.stderr[-2000:]
