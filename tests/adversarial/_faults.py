@@ -3,7 +3,9 @@
 The process SIGKILLs itself at the COUNT-th checkpoint of kind KIND (``last`` or ``best``):
 ``WHEN=mid`` after writing half of the file's bytes (a kill in the middle of the write), ``WHEN=after``
 once the checkpoint is complete and renamed (a kill between two files of one epoch). An empty spec
-runs the command unchanged.
+runs the command unchanged. Under torchrun, ``BL_KILL_RANK=r BL_KILL_AT=k`` in the environment SIGKILLs rank r
+as it enters its k-th action of rank 0 (``Trainer._on_main``: the run-directory check, its opening, then one
+write per epoch), so rank 0 is left alone in a collective.
 """
 
 from __future__ import annotations
@@ -62,9 +64,28 @@ def install(spec: str) -> None:
         raise SystemExit(f"unknown fault {spec!r}")
 
 
+def install_rank_kill(rank: int, at: int) -> None:
+    if int(os.environ.get("RANK", "0")) != rank:
+        return
+    from applications.adversarial.trainer import Trainer
+
+    on_main = Trainer._on_main
+    seen = {"n": 0}
+
+    def killing(self: Trainer, action: Any) -> None:
+        seen["n"] += 1
+        if seen["n"] == at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        on_main(self, action)
+
+    Trainer._on_main = killing  # type: ignore[method-assign]
+
+
 if __name__ == "__main__":
     if sys.argv[1]:
         install(sys.argv[1])
+    if "BL_KILL_RANK" in os.environ:
+        install_rank_kill(int(os.environ["BL_KILL_RANK"]), int(os.environ["BL_KILL_AT"]))
     from applications.adversarial.train import main
 
     sys.exit(main(sys.argv[2:]))

@@ -146,3 +146,35 @@ def test_an_error_is_one_line_and_every_rank_exits_with_its_status(tmp_path):
         assert proc.returncode != 0 and f'File "{REPO / "applications"}' not in proc.stderr  # no traceback of ours
         root = proc.stderr.split("Root Cause")[1]
         assert "rank      : 0" in root and "exitcode  : 2 " in root, proc.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_a_killed_rank_stops_the_run_with_one_line_and_the_resume_ends_like_the_uninterrupted_run(tmp_path):
+    """Rank 1 SIGKILLed as epoch 2 ends (epoch 1's checkpoint was written with both alive; rank 0 then finds its
+    peer gone, or torchrun stops it):
+    one line from the surviving process, saying how to resume; resuming on two processes ends with the
+    parameters of the uninterrupted two-process run."""
+    faults = Path(__file__).resolve().parent / "_faults.py"
+    cfg = tmp_path / "kill.yaml"
+    cfg.write_text(yaml.safe_dump(dict(CONFIG, output={"dir": str(tmp_path), "name": "kill"})))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(faults), "",
+           "--no-progress", "--config", str(cfg)]
+    # its 4th action of rank 0: the run-directory check, its opening, epoch 1's write, then epoch 2's
+    killed = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                            env={**ENV, "BL_KILL_RANK": "1", "BL_KILL_AT": "4"})
+    lines = _our_lines(killed.stderr)  # the lost connection, or SIGTERM from torchrun if that came first
+    assert killed.returncode != 0 and len(lines) == 1, killed.stderr[-3000:]
+    assert lines[0].startswith(("error: another process of the run stopped", "interrupted by SIGTERM"))
+    assert f"resume with: bilevel-train --resume {tmp_path / 'kill'}" in lines[0], lines
+    assert f'File "{REPO / "applications"}' not in killed.stderr  # no traceback of ours
+    assert torch.load(tmp_path / "kill" / "last.pt", weights_only=True)["epoch"] == 1
+    resumed = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                              str(TRAIN), "--no-progress", "--resume", str(tmp_path / "kill")],
+                             capture_output=True, text=True, timeout=300, env=ENV)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _, ref = launch(tmp_path, "ref", 2)
+    a = torch.load(tmp_path / "kill" / "last.pt", weights_only=True)
+    b = torch.load(ref / "last.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 2 and a["step"] == b["step"]
+    diff = max((a["model"][k].double() - b["model"][k].double()).abs().max().item() for k in b["model"])
+    assert diff == 0.0, diff
