@@ -130,7 +130,7 @@ class _AutoAttackLog(logging.Handler):
         msg = record.getMessage()
         match = self._AFTER.search(msg)
         if match:
-            self.per_attack[match.group(1).lower()] = float(match.group(2)) / 100
+            self.per_attack[match.group(1).lower()] = round(float(match.group(2)) / 100, 6)  # as printed: 0.01 %
         elif record.levelno >= logging.WARNING:
             self.warnings.append(msg)
 
