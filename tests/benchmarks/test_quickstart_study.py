@@ -136,3 +136,29 @@ def test_the_main_jobs_reference_is_the_committed_stability_row():
     for key in ("last_pgd", "best_pgd", "last_clean", "best_clean"):
         for stat in ("mean", "std", "min", "max"):
             assert ref[key][stat] == pytest.approx(st[key][stat], abs=5e-4), (key, stat)
+
+
+#: The guide's label of each compared method (docs/adversarial.md, "The quickstart recipe").
+GUIDE_LABELS = {"fast_bat_t1": "Fast-BAT (the quickstart)", "fast_at": "Fast-AT (step 0.375, lr 0.2)",
+                "pgd10": "PGD-10-AT (step 0.0375, lr 0.2)"}
+
+
+def test_the_guide_and_the_readme_quote_the_committed_comparison():
+    """Every number of the guide's comparison table, and the AutoAttack accuracies the README quotes, are the
+    committed summary's (docs quote only committed results)."""
+    summary = json.loads((REPO / "benchmarks" / "results" / f"{qs.NAME}.json").read_text())
+    guide = (REPO / "docs" / "adversarial.md").read_text(encoding="utf-8")
+    rows = {cells[0]: cells[1:] for cells in ([c.strip() for c in line.split("|")[1:-1]]
+                                              for line in guide.splitlines() if line.startswith("| "))}
+    readme = (REPO / "README.md").read_text(encoding="utf-8").replace("**", "")  # bold aside
+    assert {r["method"] for r in summary["compare"]} == set(GUIDE_LABELS)
+    for r in summary["compare"]:
+        cells = rows[GUIDE_LABELS[r["method"]]]
+        assert cells[0] == ",".join(map(str, r["seeds"])), r["method"]
+        for key in ("best_clean", "best_pgd", "best_aa", "last_pgd"):
+            assert any(cell.startswith(qs._fmt(r[key])) for cell in cells), (r["method"], key, qs._fmt(r[key]))
+        assert f"{r['co_runs']}/{r['runs']}" in cells, r["method"]
+        if r["aa_checked"]:  # the seeds where AutoAttack's Square check fired, where the JSON recorded the checks
+            assert any(cell.startswith(f"seeds {', '.join(map(str, r['aa_warned_seeds']))} (") for cell in cells)
+        aa = r["best_aa"]  # the README quotes each method's AutoAttack accuracy
+        assert f"{aa['mean']:.3f} ± {aa['std']:.3f} [{aa['min']:.3f}, {aa['max']:.3f}]" in readme, r["method"]
