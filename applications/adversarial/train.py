@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -38,6 +37,7 @@ from applications.adversarial.guard import stored_config
 from applications.adversarial.reference import reference_line
 from applications.adversarial.trainer import ConsoleHandler, train
 from applications.common.cli import ResumeHint, parse_args, run_command
+from applications.common.distributed import env_int
 from applications.common.errors import UserError
 from applications.common.yamlfile import read_yaml
 
@@ -82,7 +82,7 @@ def _train(args: argparse.Namespace, hint: ResumeHint) -> int:
         results = train(cfg, run_dir=run_dir, resume=args.resume is not None, progress=progress)
     except ImportError as exc:  # an optional package the config asks for
         raise UserError(str(exc)) from None
-    if os.environ.get("RANK", "0") == "0":
+    if env_int("RANK", 0) == 0:  # rank 0 prints
         line = reference_line(cfg, results)
         if line:
             print(line)

@@ -26,13 +26,12 @@ line on rank 0, ``error: another process of the run stopped (...)``, exit 4.
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 from pathlib import Path
 from typing import Callable, List, Optional
 
-from .distributed import EXIT_PEER_LOST, leave_silently, peer_lost, peer_lost_reason, silent_exit_code
+from .distributed import EXIT_PEER_LOST, env_int, leave_silently, peer_lost, peer_lost_reason, silent_exit_code
 from .errors import EXIT_DIVERGED, EXIT_USAGE, Diverged, UserError
 from .interrupts import Interrupted, interrupts_raise
 
@@ -89,21 +88,13 @@ def run_command(body: Callable[[ResumeHint], int], hint: Optional[ResumeHint] = 
         return EXIT_USAGE
 
 
-def _rank() -> int:
-    """torchrun's ``RANK`` (0 when unset or not an integer: joining the process group names that error)."""
-    try:
-        return int(os.environ.get("RANK", "0"))
-    except ValueError:
-        return 0
-
-
 def _on_this_rank(body: Callable[[ResumeHint], int], hint: ResumeHint, prefix: str) -> int:
     """``body(hint)``; on a rank other than 0, an error that rank 0 reports ends it silently with that error's
     status, and on any rank a lost peer is one line (exit 4)."""
     try:
         return body(hint)
     except BaseException as exc:
-        code = silent_exit_code(exc) if _rank() > 0 else None
+        code = silent_exit_code(exc) if env_int("RANK", 0) > 0 else None
         if code is not None:
             return leave_silently(code)
         if peer_lost(exc):

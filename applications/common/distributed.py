@@ -30,6 +30,7 @@ from .errors import EXIT_DIVERGED, EXIT_USAGE, Diverged, UserError
 from .interrupts import Interrupted
 
 __all__ = [
+    "env_int",
     "EXIT_PEER_LOST",
     "REPORT_GRACE_S",
     "DeviceError",
@@ -94,6 +95,15 @@ def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
         if dev.index is None:
             dev = torch.device("cuda", local_rank)
     return dev
+
+
+def env_int(name: str, default: int) -> int:
+    """A torchrun variable read leniently (``default`` when unset or not an integer: joining the process group,
+    :func:`setup`, is what names a malformed one); for the command layer, before or without a process group."""
+    try:
+        return int(os.environ.get(name, default))
+    except ValueError:
+        return default
 
 
 def _env_int(name: str) -> int:

@@ -30,6 +30,7 @@ from typing import List, Optional
 from applications.common.atomic import write_json
 from applications.common.cli import ResumeHint, parse_args, run_command
 from applications.common.config import ConfigError
+from applications.common.distributed import env_int
 
 from .config import load_config
 
@@ -49,27 +50,19 @@ def _check_results_path(results: Optional[str]) -> None:
         raise ConfigError([f"--results: {existing} is a file, so {path} cannot be created"])
 
 
-def _env_int(name: str, default: int) -> int:
-    """A torchrun variable (``default`` when unset or not an integer: joining the process group names the error)."""
-    try:
-        return int(os.environ.get(name, default))
-    except ValueError:
-        return default
-
-
 def _run(args: argparse.Namespace, argv: List[str], hint: ResumeHint) -> int:
     _check_results_path(args.results)
     cfg = load_config(args.config, args.overrides)
     from .experiment import run_experiment
 
     run_dir = Path(cfg.output.dir) / cfg.run_name()
-    world = _env_int("WORLD_SIZE", 1)
+    world = env_int("WORLD_SIZE", 1)
     launcher = (["torchrun", f"--nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', world)}", "-m",
                  "applications.datacleaning"] if world > 1 else ["bilevel-datacleaning"])
     hint.command = shlex.join([*launcher, *(a for a in argv if a != "output.overwrite=true")])
     hint.checkpoint = run_dir / "state.pt"
     results = run_experiment(cfg, progress=not args.no_progress)
-    if args.results and _env_int("RANK", 0) == 0:  # rank 0 writes
+    if args.results and env_int("RANK", 0) == 0:  # rank 0 writes
         path = Path(args.results)
         write_json(path, results)
         plot = run_dir / "plot.png"
