@@ -6,11 +6,14 @@ Three phases, each a set of runs of the training program's own ``train`` (throug
 * ``tune`` — every candidate recipe of :data:`CANDIDATES` (Fast-BAT, Fast-AT and PGD-10-AT: the same number
   of candidates each) trained with the final test off on the first tuning seed, then the ``--top`` (2)
   best of each method on the other tuning seeds (the same budget for every method; run the phase twice,
-  as the second round waits for the first). Candidates are judged on the validation split only (PGD-10 on
-  its first 250 images, every epoch), never on test images. A candidate's score is the mean over seeds of
-  its last epoch's validation robust accuracy; a candidate is *stable* when in every seed the last epoch is
-  within 0.05 of the best one and the catastrophic-overfitting detector never fired. :data:`SELECTED` holds
-  the choice per method (the best-scoring stable candidate).
+  as the second round waits for the first). The candidates come in two rounds: :data:`ROUND1`, a grid of
+  attack step x learning rate, and :data:`ROUND2`, one knob at a time (schedule, its peak, epochs, and two
+  of the method's own: Fast-BAT's lambda) on round 1's choice :data:`BASE`. Candidates are judged on the
+  validation split only (PGD-10 on its first 250 images, every epoch), never on test images. A candidate's
+  score is the mean over seeds of its last epoch's validation robust accuracy; a candidate is *stable* when
+  in every seed the last epoch is within 0.05 of the best one and the catastrophic-overfitting detector
+  never fired. :data:`SELECTED` holds the choice per method, :func:`select` of the records (the
+  best-scoring stable candidate of those run on every tuning seed).
 * ``stability`` — the quickstart config as committed (``applications/adversarial/configs/quickstart.yaml``)
   over seeds 0-4 with ``cpu_threads`` 1 and 2 (the thread count changes the order of floating-point
   reductions, a stand-in for another processor's kernels): the final test (PGD-50, step eps/4, on the
@@ -26,7 +29,7 @@ run whose JSON holds the same specification (which includes the whole configurat
 so editing the quickstart config reruns exactly the runs it changes). The summary
 ``quickstart_study_cpu.json`` / ``.md`` is written at the end of every invocation.
 
-    python benchmarks/quickstart_study.py tune --jobs 2
+    python benchmarks/quickstart_study.py tune --tune-seeds 0 1 --jobs 2   # twice: the top ones wait for seed 0
     python benchmarks/quickstart_study.py stability compare --jobs 2      # the committed study
     python benchmarks/quickstart_study.py --summarize
 
@@ -52,7 +55,7 @@ if __package__ in (None, ""):
 from benchmarks import study_runs  # noqa: E402
 from benchmarks.common import RESULTS_DIR, machine_info, markdown_table, write_json  # noqa: E402
 
-__all__ = ["CANDIDATES", "SELECTED", "PHASES", "plan", "summarize", "main"]
+__all__ = ["BASE", "CANDIDATES", "PHASES", "ROUND1", "ROUND2", "SELECTED", "main", "plan", "select", "summarize"]
 
 CONFIG = "applications/adversarial/configs/quickstart.yaml"
 DEFAULT_OUT = RESULTS_DIR / "quickstart_study"
@@ -64,13 +67,11 @@ SEEDS = (0, 1, 2, 3, 4)
 THREADS = (1, 2)
 
 
-#: Candidate recipes per method: overrides of the quickstart config. The same number per method; every
-#: method gets the same training budgets (epochs x batch) to choose from.
-#: Each method: two attack steps x three peak learning rates (15 epochs of batch 64, cyclic schedule, as the
-#: quickstart). Fast-BAT's non-sign step scales the gradient of the summed loss: the official code's 2000/255
+#: Round 1, per method: two attack steps x three peak learning rates (15 epochs of batch 64, cyclic schedule, as
+#: the quickstart). Fast-BAT's non-sign step scales the gradient of the summed loss: the official code's 2000/255
 #: (for eps 16/255 on CIFAR-10, 125 eps there) is 26 eps at 0.3; the candidates scale it with eps (125 eps and
 #: 625 eps, the ratio of its 5000/255 at 8/255). Fast-AT: step eps and 1.25 eps; PGD-10: eps/4 and eps/8.
-CANDIDATES: Dict[str, Dict[str, Tuple[str, ...]]] = {
+ROUND1: Dict[str, Dict[str, Tuple[str, ...]]] = {
     "fast_bat": {f"step{step}_lr{lr}": (f"method={{name: fast_bat, eps: 0.3, lam: 10.0, attack_step: {step}}}",
                                          f"train.lr_max={lr}") for step in (37.5, 187.5) for lr in (0.2, 0.1, 0.05)},
     "fast_at": {f"step{step}_lr{lr}": (f"method={{name: fast_at, eps: 0.3, step_size: {step}}}", f"train.lr_max={lr}")
@@ -79,10 +80,29 @@ CANDIDATES: Dict[str, Dict[str, Tuple[str, ...]]] = {
                                       f"train.lr_max={lr}") for step in (0.075, 0.0375) for lr in (0.2, 0.1, 0.05)},
 }
 
-#: The candidate chosen per method by ``tune`` (the quickstart config *is* Fast-BAT's choice), on tuning seed 0:
-#: the comparison was run with these. With seeds 0 and 1 for the top two, PGD-10-AT's lr 0.1 ranks first by one
-#: point of validation accuracy (81.6 vs 80.6; docs/adversarial.md, "The quickstart recipe").
-SELECTED: Dict[str, str] = {"fast_bat": "step187.5_lr0.1", "fast_at": "step0.375_lr0.2", "pgd10": "step0.0375_lr0.2"}
+#: Round 1's choice per method (best mean over tuning seeds 0 and 1 of the stable candidates): the base of round 2.
+BASE: Dict[str, str] = {"fast_bat": "step187.5_lr0.1", "fast_at": "step0.375_lr0.2", "pgd10": "step0.0375_lr0.1"}
+
+#: Round 2, one knob at a time on the method's round-1 choice, five each. Shared: the schedule (piecewise, /10 at
+#: epochs 10 and 13), the cyclic peak (at 30 % of training instead of 50 %), 20 epochs (the main job's ~3-minute
+#: budget allows no more; width 32 would cost about twice per epoch). Fast-BAT: lambda a decade either side of
+#: 10 (``lam: null``, 1/step, collapsed: docs/adversarial.md, "The lambda question"). Fast-AT: lr 0.3 (its
+#: round-1 choice sits at the grid's edge) and step 1.5 eps. PGD-10: steps eps/12 and eps/6 around eps/8.
+_SHARED = {"piecewise": ("train.lr_schedule=piecewise", "train.lr_milestones=[10, 13]"),
+           "peak0.3": ("train.lr_peak=0.3",), "epochs20": ("train.epochs=20",)}
+_OWN = {"fast_bat": {"lam1": ("method.lam=1.0",), "lam100": ("method.lam=100.0",)},
+        "fast_at": {"lr0.3": ("train.lr_max=0.3",), "step0.45": ("method.step_size=0.45",)},
+        "pgd10": {"step0.025": ("method.step_size=0.025",), "step0.05": ("method.step_size=0.05",)}}
+ROUND2: Dict[str, Dict[str, Tuple[str, ...]]] = {
+    m: {f"{BASE[m]}+{k}": (*ROUND1[m][BASE[m]], *o) for k, o in {**_SHARED, **_OWN[m]}.items()} for m in ROUND1}
+
+#: Every candidate recipe per method: overrides of the quickstart config, the same number per method.
+CANDIDATES: Dict[str, Dict[str, Tuple[str, ...]]] = {m: {**ROUND1[m], **ROUND2[m]} for m in ROUND1}
+
+#: The candidate chosen per method by ``tune`` (:func:`select` of the committed tuning records; the quickstart
+#: config *is* Fast-BAT's choice): the comparison runs these.
+SELECTED: Dict[str, str] = {"fast_bat": "step187.5_lr0.1", "fast_at": "step0.375_lr0.2+peak0.3",
+                            "pgd10": "step0.0375_lr0.1+epochs20"}
 
 _TUNE = ("eval.final_test=false", "cpu_threads=1")  # tuning never looks at the test images
 
@@ -213,6 +233,39 @@ def _tune_rows(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     return rows
 
 
+def is_current(record: Dict[str, Any], tiny: bool = False) -> bool:
+    """Whether a run record was trained with the recipe its name stands for in this file (a candidate's overrides,
+    a method's selected recipe, the quickstart config as it is): records of an edited recipe are left out of
+    the summary, never reported under a label they did not run with."""
+    s = record.get("spec") or {}
+    setting, method, seed = s.get("setting"), str(s.get("method", "")), s.get("seed")
+    if setting == "tune":
+        m, _, k = method.partition("__")
+        if k not in CANDIDATES.get(m, {}):
+            return False
+        overrides: Tuple[str, ...] = (*CANDIDATES[m][k], *_TUNE)
+    elif method.startswith("fast_bat_t") and method[len("fast_bat_t"):] in {str(t) for t in THREADS}:
+        overrides = (f"cpu_threads={method[-1]}",)
+    elif method in SELECTED and method != "fast_bat":
+        overrides = (*recipe(method), "cpu_threads=1")
+    else:
+        return False
+    return s == _spec(str(setting), method, int(seed), overrides, argparse.Namespace(tiny=tiny))
+
+
+def select(rows: Sequence[Dict[str, Any]]) -> Dict[str, str]:
+    """The choice per method from the tuning rows: among the candidates run on the most tuning seeds (the top ones),
+    the stable one with the highest score (mean last validation robust accuracy; ties: the earlier candidate)."""
+    chosen = {}
+    for method in CANDIDATES:
+        mine = [r for r in rows if r["method"] == method]
+        most = max((len(r["seeds"]) for r in mine), default=0)
+        pool = [r for r in mine if len(r["seeds"]) == most and r["stable"]]
+        if pool:
+            chosen[method] = max(pool, key=lambda r: r["score"])["candidate"]  # max keeps the first of equal scores
+    return chosen
+
+
 def _test_rows(records: List[Dict[str, Any]], method: str, aa_n: int) -> Optional[Dict[str, Any]]:
     rs = [r for r in records if r["spec"]["setting"] == "quickstart" and r["spec"]["method"] == method
           and "error" not in r and "last" in r["test"]]
@@ -237,9 +290,13 @@ def _test_rows(records: List[Dict[str, Any]], method: str, aa_n: int) -> Optiona
             "wall_time_s": _dist([r["wall_time_s"] for r in rs])}
 
 
-def summarize(out: Path, aa_n: int, name: str = NAME) -> Dict[str, Any]:
-    """Aggregate the per-run JSON under ``out`` into ``<name>.json`` / ``.md`` beside ``out``."""
-    records = study_runs.load_records(out)
+def summarize(out: Path, aa_n: int, name: str = NAME, tiny: bool = False) -> Dict[str, Any]:
+    """Aggregate the per-run JSON under ``out`` into ``<name>.json`` / ``.md`` beside ``out`` (current records only:
+    :func:`is_current`; the others are listed as ``stale``)."""
+    everything = study_runs.load_records(out)
+    records = [r for r in everything if is_current(r, tiny)]
+    stale = sorted(f"{r['spec']['setting']}/{r['spec']['method']}_seed{r['spec']['seed']}" for r in everything
+                   if r not in records and isinstance(r.get("spec"), dict))
     stab = [r for r in records if r["spec"]["setting"] == "quickstart" and r["spec"]["method"].startswith("fast_bat_t")
             and "error" not in r and "last" in r["test"]]
     stability = None
@@ -256,9 +313,11 @@ def summarize(out: Path, aa_n: int, name: str = NAME) -> Dict[str, Any]:
                      "wall_time_s": _dist([r["wall_time_s"] for r in stab]),
                      "criterion": {"last_pgd_std_le_0.03": last_pgd["std"] <= 0.03, "last_within_0.05_of_best": gap <= 0.05,
                                    "co_never": co == 0}}
+    tune = _tune_rows(records)
     compare = [row for row in (_test_rows(records, m, aa_n) for m in ("fast_bat_t1", "fast_at", "pgd10")) if row]
     summary = {"machine": machine_info("cpu"), "config": CONFIG, "config_sha256": config_digest(),
-               "selected": SELECTED, "tune": _tune_rows(records), "stability": stability, "compare": compare,
+               "selected": SELECTED, "tune": tune, "selected_by_records": select(tune), "stability": stability,
+               "compare": compare, "stale": stale,
                "runs": len(records), "run_wall_time_s_total": sum(r.get("wall_time_s", 0.0) for r in records
                                                                   if "error" not in r)}
     write_json(out.parent / f"{name}.json", summary)
@@ -291,7 +350,11 @@ def markdown(summary: Dict[str, Any]) -> str:
               f"{100 * r['score']:.1f}", f"{100 * r['max_drop']:.1f}", r["co_runs"], "yes" if r["stable"] else "no",
               "**yes**" if summary["selected"].get(r["method"]) == r["candidate"] else "",
               f"{r['s_per_epoch']:.1f}"] for r in summary["tune"]]))
-        lines.append("")
+        by_records = summary["selected_by_records"]
+        lines += ["", "Chosen by the records (the best stable candidate run on every tuning seed): "
+                  + ", ".join(f"{m} {k}" for m, k in by_records.items())
+                  + ("." if by_records == summary["selected"] else
+                     f"; SELECTED differs ({summary['selected']}): update it and rerun the comparison."), ""]
     st = summary["stability"]
     if st:
         crit = ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in st["criterion"].items())
@@ -320,6 +383,8 @@ def markdown(summary: Dict[str, Any]) -> str:
                                    f"{r['s_per_epoch']:.1f}"] for r in summary["compare"]]),
                   "", "AA warned: evaluations in which AutoAttack's own checks warned (e.g. Square, a black-box "
                   "attack, finding points the gradient attacks missed), of those that recorded its checks.", ""]
+    if summary.get("stale"):
+        lines += [f"Left out, trained with a recipe this file no longer names: {', '.join(summary['stale'])}.", ""]
     return "\n".join(lines)
 
 
@@ -334,7 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=2, help="candidates per method tuned on the seeds after the first")
     p.add_argument("--jobs", type=int, default=2, help="runs at once (a run with cpu_threads 2 uses two threads)")
     p.add_argument("--aa-n", type=int, default=500, help="test images for AutoAttack (compare phase)")
-    p.add_argument("--aa-seeds", type=int, nargs="*", default=list(SEEDS), help="seeds whose best checkpoints get AutoAttack")
+    p.add_argument("--aa-seeds", type=int, nargs="*", default=list(SEEDS),
+                   help="seeds whose best checkpoints get AutoAttack, in this order")
     p.add_argument("--aa-version", default="standard", help="'standard' or a comma-separated list of attacks")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder of the per-run JSON")
     p.add_argument("--work", type=Path, default=DEFAULT_WORK, help="folder of the runs' checkpoints")
@@ -362,11 +428,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         todo = plan(args.phases, args)
         aa_todo = [s for s in (plan(["compare"], args, finished=True) if "compare" in args.phases else [])
                    if s["seed"] in args.aa_seeds and study_runs.needs_autoattack(study_runs.result_path(args.out, s), aa)]
+        aa_todo.sort(key=lambda s: args.aa_seeds.index(s["seed"]))  # in the order given (a second invocation can
+        # take the seeds from the other end: an evaluation another one has added is not redone)
         compare = {json.dumps(s, sort_keys=True) for s in specs("compare", args)} if "compare" in args.phases else set()
         print(f"{len(todo)} run(s) to train, {args.jobs} at a time", flush=True)
         study_runs.run_pool(todo, aa_todo, aa, args.out, args.work, args.jobs,
                             lambda s: json.dumps(s, sort_keys=True) in compare and s["seed"] in args.aa_seeds)
-    summary = summarize(args.out, args.aa_n, name)
+    summary = summarize(args.out, args.aa_n, name, args.tiny)
     print(markdown(summary))
     return 0
 

@@ -152,9 +152,12 @@ def needs_autoattack(path: Path, aa: Dict[str, Any]) -> bool:
 
 
 def autoattack_one(s: Spec, aa: Dict[str, Any], out: Path, work: Path) -> Dict[str, Any]:
-    """Add standard AutoAttack on the best checkpoint (kept in ``work``) to a finished run's JSON."""
+    """Add standard AutoAttack on the best checkpoint (kept in ``work``) to a finished run's JSON, unless it has
+    that evaluation already (another invocation of the study may have added it since this one was queued)."""
     path = result_path(out, s)
     record = json.loads(path.read_text())
+    if not needs_autoattack(path, aa):
+        return record
     ckpt = work / f"{s['setting']}_{s['method']}_seed{s['seed']}" / "best.pt"
     if not ckpt.is_file():
         raise FileNotFoundError(f"{ckpt} is gone: train the run again (delete {path}) to evaluate it")

@@ -52,6 +52,28 @@ def test_the_quickstart_is_fast_bats_selected_candidate_and_every_method_has_one
     assert selected == qs.resolved(qs._TUNE)  # the config file is that candidate, up to nothing
 
 
+def _row(method, key, seeds, score, stable=True):
+    return {"method": method, "candidate": key, "seeds": seeds, "score": score, "stable": stable}
+
+
+def test_select_takes_the_best_stable_candidate_of_those_run_on_every_tuning_seed():
+    rows = [_row("fast_bat", "a", [0], 0.90),                        # best on seed 0, never run on seed 1
+            _row("fast_bat", "b", [0, 1], 0.80, stable=False),       # best of the two-seed ones, but unstable
+            _row("fast_bat", "c", [0, 1], 0.78), _row("fast_bat", "d", [0, 1], 0.78),  # a tie: the earlier
+            _row("fast_at", "e", [0], 0.5, stable=False)]            # no stable candidate: no choice
+    assert qs.select(rows) == {"fast_bat": "c"}
+
+
+def test_selected_is_the_choice_of_the_committed_tuning_records():
+    summary = json.loads((REPO / "benchmarks" / "results" / f"{qs.NAME}.json").read_text())
+    assert summary["selected"] == qs.SELECTED  # the committed comparison ran the recipes SELECTED names
+    assert qs.select(summary["tune"]) == qs.SELECTED
+    assert {(r["method"], r["candidate"]) for r in summary["tune"]} == {(m, k) for m, c in qs.CANDIDATES.items() for k in c}
+    for method, key in qs.BASE.items():  # round 2 is built on round 1's choice by the same rule
+        round1 = [r for r in summary["tune"] if r["method"] == method and r["candidate"] in qs.ROUND1[method]]
+        assert qs.select(round1)[method] == key
+
+
 def _write(out, s, curve, co=False, test=None):
     path = study_runs.result_path(out, s)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -106,6 +128,23 @@ def test_the_summary_is_that_of_the_records(tmp_path):
     assert crit == {"last_pgd_std_le_0.03": False, "last_within_0.05_of_best": False, "co_never": False}
 
 
+def test_a_record_of_an_edited_recipe_is_left_out_of_the_summary(tmp_path):
+    out = tmp_path / "quickstart_study"
+    args = _args(out, seeds=[0])
+    test = {"best": {"epoch": 15, "n": 500, "clean_acc": 0.97, "pgd_acc": 0.8},
+            "last": {"epoch": 15, "n": 500, "clean_acc": 0.97, "pgd_acc": 0.8}}
+    runs = {s["method"]: s for s in qs.specs("compare", args)}
+    _write(out, runs["pgd10"], [0.8], test=test)
+    old = {**runs["fast_at"], "overrides": [o.replace("lr_max=", "lr_max=9") for o in runs["fast_at"]["overrides"]]}
+    _write(out, old, [0.8], test=test)  # Fast-AT's record, trained before its recipe was edited
+    tuned = qs.specs("tune", args)[0]
+    _write(out, {**tuned, "method": tuned["method"] + "_gone"}, [0.5])  # a candidate the file no longer has
+    summary = qs.summarize(out, aa_n=500, name="t")
+    assert [r["method"] for r in summary["compare"]] == ["pgd10"]
+    assert summary["stale"] == ["quickstart/fast_at_seed0", f"tune/{tuned['method']}_gone_seed0"]
+    assert summary["tune"] == [] and "Left out, trained with a recipe" in (tmp_path / "t.md").read_text()
+
+
 def _run(args, timeout=300):
     proc = subprocess.run([sys.executable, "benchmarks/quickstart_study.py", *map(str, args)], capture_output=True,
                           text=True, cwd=str(REPO), timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -139,17 +178,43 @@ def test_the_main_jobs_reference_is_the_committed_stability_row():
 
 
 #: The guide's label of each compared method (docs/adversarial.md, "The quickstart recipe").
-GUIDE_LABELS = {"fast_bat_t1": "Fast-BAT (the quickstart)", "fast_at": "Fast-AT (step 0.375, lr 0.2)",
-                "pgd10": "PGD-10-AT (step 0.0375, lr 0.2)"}
+GUIDE_LABELS = {"fast_bat_t1": "Fast-BAT (the quickstart)", "fast_at": "Fast-AT (step 0.375, lr 0.2, peak 0.3)",
+                "pgd10": "PGD-10-AT (step 0.0375, lr 0.1, 20 epochs)"}
+TUNE_LABELS = {"Fast-BAT": "fast_bat", "Fast-AT": "fast_at", "PGD-10-AT": "pgd10"}
+
+
+def _guide_rows():
+    guide = (REPO / "docs" / "adversarial.md").read_text(encoding="utf-8")
+    return [[c.strip() for c in line.split("|")[1:-1]] for line in guide.splitlines() if line.startswith("| ")]
+
+
+def test_the_guides_round_2_table_is_the_committed_tuning():
+    """Each row of the guide's round-2 table (method, knob, seed 0, seed 1, mean, chosen) is the committed record
+    of that candidate: its validation accuracies, the detector's verdicts and whether it was selected."""
+    summary = json.loads((REPO / "benchmarks" / "results" / f"{qs.NAME}.json").read_text())
+    tune = {(r["method"], r["candidate"]): r for r in summary["tune"]}
+    rows = [c for c in _guide_rows() if len(c) == 6 and c[0] in TUNE_LABELS
+            and (c[1] == "round 1's choice" or c[1].startswith("`+"))]
+    method_knobs = {(TUNE_LABELS[c[0]], c[1]) for c in rows}
+    assert method_knobs == {(m, "round 1's choice") for m in qs.BASE} | {(m, f"`{k[len(qs.BASE[m]):]}`")
+                                                                         for m in qs.BASE for k in qs.ROUND2[m]}
+    for c in rows:
+        method = TUNE_LABELS[c[0]]
+        key = qs.BASE[method] + ("" if c[1] == "round 1's choice" else c[1].strip("`"))
+        r = tune[(method, key)]
+        cells = [f"{100 * v:.1f}" for v in r["val_robust_last"]] + ["–"] * (2 - len(r["seeds"]))
+        for cell, want in zip(c[2:4], cells):
+            assert cell.split(" ")[0] == want, (key, c)
+        assert sum("(CO)" in cell for cell in c[2:4]) == r["co_runs"], (key, c)  # the seeds where the detector fired
+        assert c[4] == (f"{100 * r['score']:.1f}" if len(r["seeds"]) == 2 else ""), (key, c)
+        assert (c[5] == "**yes**") == (qs.SELECTED[method] == key), (key, c)
 
 
 def test_the_guide_and_the_readme_quote_the_committed_comparison():
     """Every number of the guide's comparison table, and the AutoAttack accuracies the README quotes, are the
     committed summary's (docs quote only committed results)."""
     summary = json.loads((REPO / "benchmarks" / "results" / f"{qs.NAME}.json").read_text())
-    guide = (REPO / "docs" / "adversarial.md").read_text(encoding="utf-8")
-    rows = {cells[0]: cells[1:] for cells in ([c.strip() for c in line.split("|")[1:-1]]
-                                              for line in guide.splitlines() if line.startswith("| "))}
+    rows = {cells[0]: cells[1:] for cells in _guide_rows()}
     readme = (REPO / "README.md").read_text(encoding="utf-8").replace("**", "")  # bold aside
     assert {r["method"] for r in summary["compare"]} == set(GUIDE_LABELS)
     for r in summary["compare"]:
@@ -158,7 +223,11 @@ def test_the_guide_and_the_readme_quote_the_committed_comparison():
         for key in ("best_clean", "best_pgd", "best_aa", "last_pgd"):
             assert any(cell.startswith(qs._fmt(r[key])) for cell in cells), (r["method"], key, qs._fmt(r[key]))
         assert f"{r['co_runs']}/{r['runs']}" in cells, r["method"]
-        if r["aa_checked"]:  # the seeds where AutoAttack's Square check fired, where the JSON recorded the checks
-            assert any(cell.startswith(f"seeds {', '.join(map(str, r['aa_warned_seeds']))} (") for cell in cells)
-        aa = r["best_aa"]  # the README quotes each method's AutoAttack accuracy
-        assert f"{aa['mean']:.3f} ± {aa['std']:.3f} [{aa['min']:.3f}, {aa['max']:.3f}]" in readme, r["method"]
+        warned = r["aa_warned_seeds"]  # the seeds where AutoAttack's Square check fired, of those that recorded it
+        if warned:
+            assert any(cell.startswith(f"seed{'s' * (len(warned) > 1)} {', '.join(map(str, warned))} (") for cell in cells)
+        elif r["aa_checked"]:
+            assert f"none of {r['aa_checked']}" in cells, r["method"]
+        aa = r["best_aa"]  # the README quotes each method's AutoAttack accuracy, once every seed has it
+        if aa and aa["n"] == len(r["seeds"]):
+            assert f"{aa['mean']:.3f} ± {aa['std']:.3f} [{aa['min']:.3f}, {aa['max']:.3f}]" in readme, r["method"]

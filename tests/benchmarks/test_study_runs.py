@@ -53,6 +53,23 @@ def test_autoattack_is_redone_only_when_its_size_or_version_changes(tmp_path):
     assert study_runs.needs_autoattack(path, {**aa, "version": "apgd-ce"})
 
 
+def test_an_evaluation_already_added_by_another_invocation_is_not_redone(tmp_path, monkeypatch):
+    aa = {"n": 500, "version": "standard"}
+    calls = []
+    monkeypatch.setattr(study_runs, "autoattack_best", lambda ckpt, a: calls.append(ckpt) or {**a, "aa_acc": 0.3})
+    ckpt = tmp_path / "work" / "mnist_fast_at_seed1" / "best.pt"
+    _write(ckpt, "weights")
+    best = {"epoch": 2, "clean_acc": 0.9, "pgd_acc": 0.5}
+    path = _write(study_runs.result_path(tmp_path / "json", SPEC), {"spec": SPEC, "test": {"best": best}})
+    rec = study_runs.autoattack_one(SPEC, aa, tmp_path / "json", tmp_path / "work")
+    assert calls == [ckpt] and rec["test"]["best"]["autoattack"]["aa_acc"] == 0.3
+    assert json.loads(path.read_text()) == rec
+    study_runs.autoattack_one(SPEC, aa, tmp_path / "json", tmp_path / "work")  # queued twice: evaluated once
+    assert calls == [ckpt]
+    study_runs.autoattack_one(SPEC, {**aa, "n": 100}, tmp_path / "json", tmp_path / "work")  # another size: again
+    assert len(calls) == 2
+
+
 def test_unreadable_records_are_skipped_with_a_warning(tmp_path, capsys):
     _write(study_runs.result_path(tmp_path, SPEC), {"spec": SPEC})
     _write(study_runs.result_path(tmp_path, {**SPEC, "seed": 2}), "not json")
