@@ -85,7 +85,7 @@ BASE: Dict[str, str] = {"fast_bat": "step187.5_lr0.1", "fast_at": "step0.375_lr0
 
 #: Round 2, one knob at a time on the method's round-1 choice, five each. Shared: the schedule (piecewise, /10 at
 #: epochs 10 and 13), the cyclic peak (at 30 % of training instead of 50 %), 20 epochs (the main job's ~3-minute
-#: budget allows no more; width 32 would cost about twice per epoch). Fast-BAT: lambda a decade either side of
+#: budget allows no more; initialization, batch size and width: not tried). Fast-BAT: lambda a decade either side of
 #: 10 (``lam: null``, 1/step, collapsed: docs/adversarial.md, "The lambda question"). Fast-AT: lr 0.3 (its
 #: round-1 choice sits at the grid's edge) and step 1.5 eps. PGD-10: steps eps/12 and eps/6 around eps/8.
 _SHARED = {"piecewise": ("train.lr_schedule=piecewise", "train.lr_milestones=[10, 13]"),
