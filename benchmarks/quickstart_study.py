@@ -151,12 +151,26 @@ def recipe(method: str) -> Tuple[str, ...]:
     return CANDIDATES[method][SELECTED[method]]
 
 
+def run_overrides(setting: str, method: str) -> Optional[Tuple[str, ...]]:
+    """The overrides of the quickstart config that the run named ``method`` in ``setting`` trains with (``tune``:
+    ``<method>__<candidate>``; ``quickstart``: ``fast_bat_t<threads>``, ``fast_at``, ``pgd10``); None for a name
+    this file does not (or no longer) define."""
+    if setting == "tune":
+        m, _, k = method.partition("__")
+        return (*CANDIDATES[m][k], *_TUNE) if k in CANDIDATES.get(m, {}) else None
+    if method in {f"fast_bat_t{t}" for t in THREADS}:
+        return (f"cpu_threads={method[len('fast_bat_t'):]}",)
+    if method in SELECTED and method != "fast_bat":
+        return (*recipe(method), "cpu_threads=1")
+    return None
+
+
 def specs(phase: str, args: argparse.Namespace) -> List[Dict[str, Any]]:
     """Every run of ``phase``."""
     out = []
     if phase == "tune":  # every candidate on the first seed; the other seeds for the top ones of each method
-        first = {(m, k): _spec("tune", f"{m}__{k}", args.tune_seeds[0], [*o, *_TUNE], args)
-                 for m, cands in CANDIDATES.items() for k, o in cands.items()}
+        first = {(m, k): _spec("tune", f"{m}__{k}", args.tune_seeds[0], run_overrides("tune", f"{m}__{k}"), args)
+                 for m, cands in CANDIDATES.items() for k in cands}
         out += first.values()
         scores = {mk: _last_val_robust(study_runs.result_path(args.out, s), s) for mk, s in first.items()}
         if None in scores.values():
@@ -164,16 +178,12 @@ def specs(phase: str, args: argparse.Namespace) -> List[Dict[str, Any]]:
         for method, cands in CANDIDATES.items():
             top = sorted(cands, key=lambda k: -scores[(method, k)])[:args.top]
             for seed in args.tune_seeds[1:]:
-                out += [_spec("tune", f"{method}__{k}", seed, [*cands[k], *_TUNE], args) for k in top]
-    elif phase == "stability":
-        for seed in args.seeds:
-            for threads in THREADS:
-                out.append(_spec("quickstart", f"fast_bat_t{threads}", seed, [f"cpu_threads={threads}"], args))
+                out += [_spec("tune", f"{method}__{k}", seed, run_overrides("tune", f"{method}__{k}"), args) for k in top]
     else:
-        for seed in args.seeds:
-            out.append(_spec("quickstart", "fast_bat_t1", seed, ["cpu_threads=1"], args))
-            for method in (m for m in ("fast_at", "pgd10") if m in SELECTED):
-                out.append(_spec("quickstart", method, seed, [*recipe(method), "cpu_threads=1"], args))
+        names = ([f"fast_bat_t{t}" for t in THREADS] if phase == "stability"
+                 else ["fast_bat_t1", *(m for m in ("fast_at", "pgd10") if m in SELECTED)])
+        out += [_spec("quickstart", name, seed, run_overrides("quickstart", name), args)
+                for seed in args.seeds for name in names]
     return out
 
 
@@ -238,19 +248,9 @@ def is_current(record: Dict[str, Any], tiny: bool = False) -> bool:
     a method's selected recipe, the quickstart config as it is): records of an edited recipe are left out of
     the summary, never reported under a label they did not run with."""
     s = record.get("spec") or {}
-    setting, method, seed = s.get("setting"), str(s.get("method", "")), s.get("seed")
-    if setting == "tune":
-        m, _, k = method.partition("__")
-        if k not in CANDIDATES.get(m, {}):
-            return False
-        overrides: Tuple[str, ...] = (*CANDIDATES[m][k], *_TUNE)
-    elif method.startswith("fast_bat_t") and method[len("fast_bat_t"):] in {str(t) for t in THREADS}:
-        overrides = (f"cpu_threads={method[-1]}",)
-    elif method in SELECTED and method != "fast_bat":
-        overrides = (*recipe(method), "cpu_threads=1")
-    else:
-        return False
-    return s == _spec(str(setting), method, int(seed), overrides, argparse.Namespace(tiny=tiny))
+    overrides = run_overrides(str(s.get("setting")), str(s.get("method", "")))
+    return overrides is not None and s == _spec(str(s["setting"]), str(s["method"]), int(s["seed"]), overrides,
+                                                argparse.Namespace(tiny=tiny))
 
 
 def select(rows: Sequence[Dict[str, Any]]) -> Dict[str, str]:
