@@ -37,7 +37,7 @@ def _official_attack_step(eps: float) -> float:
 class FastBAT(TrainingMethod):
     r"""Fast-BAT (Zhang et al., ICML 2022): Fast-AT's linearized lower level with its implicit gradient.
 
-    With :math:`z_0 \sim U(-\epsilon, \epsilon)` (clipped to the box),
+    With :math:`z_0 \sim U(-\epsilon, \epsilon)` (clipped to the box; ``random_start=False``: :math:`z_0 = 0`),
     :math:`z = \mathrm{Proj}_C(z_0 - \text{z\_step}\, \nabla_\delta g(\theta, z_0))` (no graph), and
 
     .. math::
@@ -79,6 +79,7 @@ class FastBAT(TrainingMethod):
         attack_step: step of the value :math:`\delta^\star`; ``None`` means the official ``attack_lr``:
             ``5000/255`` for ``eps <= 8/255``, else ``2000/255`` (for the summed attack loss).
         z_step: step from :math:`z_0` to :math:`z` (non-sign, projected); ``None`` means ``attack_step``.
+        random_start: :math:`z_0` uniform in the ball (default, the official code) or zero.
         lam: :math:`\lambda` of the implicit term; default ``10.0``, the official code's value (the value
             uses ``attack_step``, the derivative ``1/lam``). ``None`` means ``1/attack_step``, the exact
             derivative of the one-step map (the paper's :math:`\lambda = 1/\alpha`); ``math.inf`` drops
@@ -104,6 +105,7 @@ class FastBAT(TrainingMethod):
     attack_step: Optional[float] = None
     z_step: Optional[float] = None
     lam: Optional[float] = 10.0
+    random_start: bool = True
     mask_tol: Optional[float] = None
     update_bn_on_attack: bool = False
     products: bl.Products = field(default_factory=bl.Exact)
@@ -118,7 +120,8 @@ class FastBAT(TrainingMethod):
             raise OptionError(self.name, "lam", "must be > 0; for the official code's --lmbda 0 (lam = 1/attack_step, "
                               "the exact implicit term) pass lam=None (YAML: lam: null)")
         check_positive(self.name, "lam", self.lam)
-        check_bool(self.name, "update_bn_on_attack", self.update_bn_on_attack)
+        for option in ("random_start", "update_bn_on_attack"):
+            check_bool(self.name, option, getattr(self, option))
         if self.mask_tol is not None and (isinstance(self.mask_tol, bool) or not isinstance(self.mask_tol, (int, float))
                                           or not self.mask_tol >= 0):
             raise OptionError(self.name, "mask_tol", f"must be None or a number >= 0, got {self.mask_tol!r}")
@@ -165,7 +168,8 @@ class FastBAT(TrainingMethod):
         update_bn = self.update_bn_on_attack and any(
             isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules())
         with bn_stats_frozen(model, not self.update_bn_on_attack):
-            z = attack.solver.run(attack, params, uniform_start(x, self.eps, generator))
+            z0 = uniform_start(x, self.eps, generator) if self.random_start else torch.zeros_like(x)
+            z = attack.solver.run(attack, params, z0)
             if self.differenced:
                 # the differenced backward re-runs g after this block: its passes never update statistics
                 lower = dataclasses.replace(attack, objective=_stats_frozen(attack.objective, model))

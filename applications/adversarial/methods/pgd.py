@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
 from torch import Tensor, nn
 
 import bilevel as bl
@@ -26,12 +27,14 @@ class PGDAT(TrainingMethod):
         steps: number of PGD steps k (default 10).
         step_size: ``None`` means ``eps/2`` for k = 2, ``2/255`` for k = 10 (the official baselines),
             else ``2.5 * eps / k``.
+        random_start: start at a uniform point of the ball (default, Madry et al.) or at zero.
         update_bn_on_attack: let the attack passes update BatchNorm running statistics.
     """
 
     eps: float
     steps: int = 10
     step_size: Optional[float] = None
+    random_start: bool = True
     update_bn_on_attack: bool = False
     name = "pgd"
 
@@ -40,7 +43,8 @@ class PGDAT(TrainingMethod):
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
             raise OptionError(self.name, "steps", f"must be an integer >= 1, got {self.steps!r}")
         check_positive(self.name, "step_size", self.step_size)
-        check_bool(self.name, "update_bn_on_attack", self.update_bn_on_attack)
+        for option in ("random_start", "update_bn_on_attack"):
+            check_bool(self.name, option, getattr(self, option))
         if self.step_size is None:
             self.step_size = {2: self.eps / 2, 10: 2.0 / 255}.get(self.steps, 2.5 * self.eps / self.steps)
 
@@ -50,5 +54,5 @@ class PGDAT(TrainingMethod):
         solver = bl.SignedProjectedGradient(step_size=self.step_size, steps=self.steps)
         attack = attack_problem(model, x, y, threat_set(x, self.eps), solver)
         with bn_stats_frozen(model, not self.update_bn_on_attack):
-            return bl.solve(attack, model_params(model), uniform_start(x, self.eps, generator), bl.FirstOrder(),
-                            check_finite=False)
+            z0 = uniform_start(x, self.eps, generator) if self.random_start else torch.zeros_like(x)
+            return bl.solve(attack, model_params(model), z0, bl.FirstOrder(), check_finite=False)

@@ -105,6 +105,9 @@ def test_build_method_errors() -> None:
         build_method("fast_bat", eps=0.1, lam=0.0)
     with pytest.raises(ValueError, match="update_bn_on_attack"):
         build_method("fast_at", eps=0.1, update_bn_on_attack="yes")
+    for name in ("fast_at", "fast_bat", "pgd"):
+        with pytest.raises(ValueError, match="random_start"):
+            build_method(name, eps=0.1, random_start=0)
     assert isinstance(build_method("standard"), Standard)
     for name, cls in METHODS.items():
         assert cls.name == name and dataclasses.is_dataclass(cls)

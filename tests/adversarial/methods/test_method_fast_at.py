@@ -30,6 +30,17 @@ def test_fast_at_is_fgsm_rs() -> None:
     assert rel_err(method_grads(method, model, x, y), grads(model)) < 1e-12
 
 
+def test_fast_at_zero_start_is_fgsm() -> None:
+    """``random_start=False`` is FGSM (Goodfellow et al.): eps * sign of the clean input gradient, in the box."""
+    model = tiny_cnn(bn=False)
+    x, y = batch()
+    eps = 0.1
+    got = FastAT(eps=eps, random_start=False).perturbation(model, x, y, generator=gen())
+    ref = clip_ball_box(eps * input_grad_ce_sum(model, x, y).sign(), x, eps)
+    assert torch.allclose(got, ref, rtol=0, atol=1e-15)
+    assert not torch.allclose(FastAT(eps=eps).perturbation(model, x, y, generator=gen()), ref, rtol=0, atol=1e-3)
+
+
 def test_uniform_start_formula() -> None:
     x, _ = batch()
     assert torch.allclose(uniform_start(x, 0.1, gen(3)), ref_start(x, 0.1, 3), rtol=0, atol=1e-15)

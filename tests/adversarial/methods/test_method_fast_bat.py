@@ -28,11 +28,12 @@ from applications.adversarial.methods import (
 )
 
 
-def fast_bat_reference(model: nn.Module, x, y, eps: float, step: float, lam: float, seed: int = 7):
+def fast_bat_reference(model: nn.Module, x, y, eps: float, step: float, lam: float, seed: int = 7,
+                       zero_start: bool = False):
     """theta-grad = grad_theta l_tr(theta, d*) + (d d*/d theta)^T grad_d l_tr(theta, d*),
     d d*/d theta = -(1/lam) grad2_{theta,d} l_atk(theta, z) H_C, l_atk = -CE_sum, l_tr = CE_mean."""
     params = list(model.parameters())
-    z0 = ref_start(x, eps, seed)
+    z0 = torch.zeros_like(x) if zero_start else ref_start(x, eps, seed)
     z = clip_ball_box(z0 + step * input_grad_ce_sum(model, x + z0, y), x, eps)  # non-sign step, no graph
     zr = z.clone().requires_grad_(True)
     l_atk = -F.cross_entropy(model(x + zr), y, reduction="sum")
@@ -68,6 +69,22 @@ def test_fast_bat_gradient_equals_eq14(lam_option: str, mask_tol) -> None:
     assert ig_norm > 1e-3 * sum(float(t.pow(2).sum()) for t in direct) ** 0.5
     assert rel_err(got, ref) < 1e-10
     assert rel_err(got, direct) > 1e-3
+
+
+def test_fast_bat_zero_start_equals_eq14_from_zero() -> None:
+    """``random_start=False``: z is one step from z0 = 0, and the gradient is eq. (14) there (not at a uniform z0)."""
+    model = tiny_cnn(bn=True)
+    model.train()
+    x, y = batch()
+    method = FastBAT(eps=0.1, attack_step=4.0, lam=10.0, random_start=False)
+    got = method_grads(method, model, x, y)
+    ref, _, _, _ = fast_bat_reference(model, x, y, 0.1, 4.0, 10.0, zero_start=True)
+    uniform, _, _, _ = fast_bat_reference(model, x, y, 0.1, 4.0, 10.0)
+    assert rel_err(got, ref) < 1e-10
+    assert rel_err(got, uniform) > 1e-3
+    # the generator is not consumed: any seed gives the same perturbation
+    a = method.perturbation(model, x, y, generator=gen(1)).detach()
+    assert torch.equal(a, method.perturbation(model, x, y, generator=gen(2)).detach())
 
 
 def test_fast_bat_lam_inf_is_the_detached_gradient() -> None:

@@ -25,3 +25,16 @@ def test_pgd_at_matches_reference_loop() -> None:
     got = method.perturbation(model, x, y, generator=gen())
     assert torch.allclose(got, d, rtol=0, atol=1e-15)
 
+
+
+def test_pgd_at_zero_start_matches_reference_loop() -> None:
+    model = tiny_cnn(bn=False)
+    x, y = batch()
+    eps = 0.05
+    method = PGDAT(eps=eps, steps=3, random_start=False)
+    d = torch.zeros_like(x)
+    for _ in range(3):
+        d = clip_ball_box(d + method.step_size * input_grad_ce_sum(model, x + d, y).sign(), x, eps)
+    got = method.perturbation(model, x, y, generator=gen())
+    assert torch.allclose(got, d, rtol=0, atol=1e-15)
+    assert not torch.allclose(PGDAT(eps=eps, steps=3).perturbation(model, x, y, generator=gen()), d, rtol=0, atol=1e-4)
