@@ -1,6 +1,6 @@
 r"""The main job's recipe (``make train``: the quickstart config) studied: tuning, stability, comparison.
 
-Three phases, each a set of runs of the training program's own ``train`` (through
+Four phases, each a set of runs of the training program's own ``train`` (through
 :func:`benchmarks.study_runs.run_one`), all on the embedded MNIST digits at eps 0.3 with the small CNN:
 
 * ``tune`` — every candidate recipe of :data:`CANDIDATES` (Fast-BAT, Fast-AT and PGD-10-AT: the same number
@@ -8,12 +8,17 @@ Three phases, each a set of runs of the training program's own ``train`` (throug
   best of each method on the other tuning seeds (the same budget for every method; run the phase twice,
   as the second round waits for the first). The candidates come in two rounds: :data:`ROUND1`, a grid of
   attack step x learning rate, and :data:`ROUND2`, one knob at a time (schedule, its peak, epochs, and two
-  of the method's own: Fast-BAT's lambda) on round 1's choice :data:`BASE`. Candidates are judged on the
+  of the method's own: Fast-BAT's lambda) on round 1's choice :data:`BASE`, and :data:`ROUND3`, one knob at a
+  time again (batch size, width, the attack's initialization, one of the method's own) on round 2's choice
+  :data:`BASE3`. Candidates are judged on the
   validation split only (PGD-10 on its first 250 images, every epoch), never on test images. A candidate's
   score is the mean over seeds of its last epoch's validation robust accuracy; a candidate is *stable* when
   in every seed the last epoch is within 0.05 of the best one and the catastrophic-overfitting detector
   never fired. :data:`SELECTED` holds the choice per method, :func:`select` of the records (the
-  best-scoring stable candidate of those run on every tuning seed).
+  best-scoring stable candidate of those run on every tuning seed). The recipes are in
+  :mod:`benchmarks.quickstart_candidates`.
+* ``ablation`` — the runs of :data:`ABLATIONS` on the tuning seeds, scored as the candidates: questions about a
+  chosen recipe (Fast-BAT without its implicit term), never candidates themselves.
 * ``stability`` — the quickstart config as committed (``applications/adversarial/configs/quickstart.yaml``)
   over seeds 0-4 with ``cpu_threads`` 1 and 2 (the thread count changes the order of floating-point
   reductions, a stand-in for another processor's kernels): the final test (PGD-50, step eps/4, on the
@@ -30,6 +35,7 @@ so editing the quickstart config reruns exactly the runs it changes). The summar
 ``quickstart_study_cpu.json`` / ``.md`` is written at the end of every invocation.
 
     python benchmarks/quickstart_study.py tune --tune-seeds 0 1 --jobs 2   # twice: the top ones wait for seed 0
+    python benchmarks/quickstart_study.py ablation --tune-seeds 0 1 --jobs 2
     python benchmarks/quickstart_study.py stability compare --jobs 2      # the committed study
     python benchmarks/quickstart_study.py --summarize
 
@@ -54,55 +60,29 @@ if __package__ in (None, ""):
 
 from benchmarks import study_runs  # noqa: E402
 from benchmarks.common import RESULTS_DIR, machine_info, markdown_table, write_json  # noqa: E402
+from benchmarks.quickstart_candidates import (  # noqa: E402
+    ABLATIONS,
+    BASE,
+    BASE3,
+    CANDIDATES,
+    ROUND1,
+    ROUND2,
+    ROUND3,
+    SELECTED,
+)
 
-__all__ = ["BASE", "CANDIDATES", "PHASES", "ROUND1", "ROUND2", "SELECTED", "main", "plan", "select", "summarize"]
+__all__ = ["ABLATIONS", "BASE", "BASE3", "CANDIDATES", "PHASES", "ROUND1", "ROUND2", "ROUND3", "SELECTED", "main", "plan",
+           "select", "summarize"]
 
 CONFIG = "applications/adversarial/configs/quickstart.yaml"
 DEFAULT_OUT = RESULTS_DIR / "quickstart_study"
 DEFAULT_WORK = REPO / ".cache" / "quickstart_study_runs"
 NAME = "quickstart_study_cpu"
-PHASES = ("tune", "stability", "compare")
+PHASES = ("tune", "ablation", "stability", "compare")
 TUNE_SEEDS = (0,)
 SEEDS = (0, 1, 2, 3, 4)
 THREADS = (1, 2)
 
-
-#: Round 1, per method: two attack steps x three peak learning rates (15 epochs of batch 64, cyclic schedule, as
-#: the quickstart). Fast-BAT's non-sign step scales the gradient of the summed loss: the official code's 2000/255
-#: (for eps 16/255 on CIFAR-10, 125 eps there) is 26 eps at 0.3; the candidates scale it with eps (125 eps and
-#: 625 eps, the ratio of its 5000/255 at 8/255). Fast-AT: step eps and 1.25 eps; PGD-10: eps/4 and eps/8.
-ROUND1: Dict[str, Dict[str, Tuple[str, ...]]] = {
-    "fast_bat": {f"step{step}_lr{lr}": (f"method={{name: fast_bat, eps: 0.3, lam: 10.0, attack_step: {step}}}",
-                                         f"train.lr_max={lr}") for step in (37.5, 187.5) for lr in (0.2, 0.1, 0.05)},
-    "fast_at": {f"step{step}_lr{lr}": (f"method={{name: fast_at, eps: 0.3, step_size: {step}}}", f"train.lr_max={lr}")
-                for step in (0.3, 0.375) for lr in (0.2, 0.1, 0.05)},
-    "pgd10": {f"step{step}_lr{lr}": (f"method={{name: pgd, eps: 0.3, steps: 10, step_size: {step}}}",
-                                      f"train.lr_max={lr}") for step in (0.075, 0.0375) for lr in (0.2, 0.1, 0.05)},
-}
-
-#: Round 1's choice per method (best mean over tuning seeds 0 and 1 of the stable candidates): the base of round 2.
-BASE: Dict[str, str] = {"fast_bat": "step187.5_lr0.1", "fast_at": "step0.375_lr0.2", "pgd10": "step0.0375_lr0.1"}
-
-#: Round 2, one knob at a time on the method's round-1 choice, five each. Shared: the schedule (piecewise, /10 at
-#: epochs 10 and 13), the cyclic peak (at 30 % of training instead of 50 %), 20 epochs (the main job's ~3-minute
-#: budget allows no more; initialization, batch size and width: not tried). Fast-BAT: lambda a decade either side of
-#: 10 (``lam: null``, 1/step, collapsed: docs/adversarial.md, "The lambda question"). Fast-AT: lr 0.3 (its
-#: round-1 choice sits at the grid's edge) and step 1.5 eps. PGD-10: steps eps/12 and eps/6 around eps/8.
-_SHARED = {"piecewise": ("train.lr_schedule=piecewise", "train.lr_milestones=[10, 13]"),
-           "peak0.3": ("train.lr_peak=0.3",), "epochs20": ("train.epochs=20",)}
-_OWN = {"fast_bat": {"lam1": ("method.lam=1.0",), "lam100": ("method.lam=100.0",)},
-        "fast_at": {"lr0.3": ("train.lr_max=0.3",), "step0.45": ("method.step_size=0.45",)},
-        "pgd10": {"step0.025": ("method.step_size=0.025",), "step0.05": ("method.step_size=0.05",)}}
-ROUND2: Dict[str, Dict[str, Tuple[str, ...]]] = {
-    m: {f"{BASE[m]}+{k}": (*ROUND1[m][BASE[m]], *o) for k, o in {**_SHARED, **_OWN[m]}.items()} for m in ROUND1}
-
-#: Every candidate recipe per method: overrides of the quickstart config, the same number per method.
-CANDIDATES: Dict[str, Dict[str, Tuple[str, ...]]] = {m: {**ROUND1[m], **ROUND2[m]} for m in ROUND1}
-
-#: The candidate chosen per method by ``tune`` (:func:`select` of the committed tuning records; the quickstart
-#: config *is* Fast-BAT's choice): the comparison runs these.
-SELECTED: Dict[str, str] = {"fast_bat": "step187.5_lr0.1", "fast_at": "step0.375_lr0.2+peak0.3",
-                            "pgd10": "step0.0375_lr0.1+epochs20"}
 
 _TUNE = ("eval.final_test=false", "cpu_threads=1")  # tuning never looks at the test images
 
@@ -142,9 +122,10 @@ def _last_val_robust(path: Path, s: Dict[str, Any]) -> Optional[float]:
     return curve[-1]["val_robust_acc"] if curve else 0.0
 
 
-def recipe(method: str) -> Tuple[str, ...]:
-    """The overrides of the quickstart config that give ``method``'s selected recipe (none for Fast-BAT)."""
-    if method == "fast_bat":
+def recipe(method: str, tuned: bool = False) -> Tuple[str, ...]:
+    """The overrides of the quickstart config that give ``method``'s selected recipe (none for Fast-BAT, whose
+    recipe is the config itself, unless ``tuned``: then its candidate's overrides, as the tuning ran it)."""
+    if method == "fast_bat" and not tuned:
         return ()
     if method not in SELECTED:
         raise SystemExit(f"no selected recipe for {method}: run the tune phase and fill SELECTED")
@@ -158,6 +139,9 @@ def run_overrides(setting: str, method: str) -> Optional[Tuple[str, ...]]:
     if setting == "tune":
         m, _, k = method.partition("__")
         return (*CANDIDATES[m][k], *_TUNE) if k in CANDIDATES.get(m, {}) else None
+    if setting == "ablation":
+        m, _, k = method.partition("__")
+        return (*recipe(m, tuned=True), *ABLATIONS[m][k], *_TUNE) if k in ABLATIONS.get(m, {}) else None
     if method in {f"fast_bat_t{t}" for t in THREADS}:
         return (f"cpu_threads={method[len('fast_bat_t'):]}",)
     if method in SELECTED and method != "fast_bat":
@@ -179,6 +163,9 @@ def specs(phase: str, args: argparse.Namespace) -> List[Dict[str, Any]]:
             top = sorted(cands, key=lambda k: -scores[(method, k)])[:args.top]
             for seed in args.tune_seeds[1:]:
                 out += [_spec("tune", f"{method}__{k}", seed, run_overrides("tune", f"{method}__{k}"), args) for k in top]
+    elif phase == "ablation":
+        out += [_spec("ablation", f"{m}__{k}", seed, run_overrides("ablation", f"{m}__{k}"), args)
+                for seed in args.tune_seeds for m, abl in ABLATIONS.items() for k in abl]
     else:
         names = ([f"fast_bat_t{t}" for t in THREADS] if phase == "stability"
                  else ["fast_bat_t1", *(m for m in ("fast_at", "pgd10") if m in SELECTED)])
@@ -222,11 +209,14 @@ def _fmt(d: Optional[Dict[str, float]], scale: float = 100.0) -> str:
     return f"{scale * d['mean']:.1f} ± {scale * d['std']:.1f} [{scale * d['min']:.1f}, {scale * d['max']:.1f}]"
 
 
-def _tune_rows(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+def _tune_rows(records: List[Dict[str, Any]], setting: str = "tune") -> List[Dict[str, Any]]:
+    """One row per candidate (``setting`` ``tune``) or ablation (``ablation``) with a record: its validation
+    scores per tuning seed, and whether it was stable."""
     rows = []
-    for method, cands in CANDIDATES.items():
-        for key, overrides in cands.items():
-            rs = [r for r in records if r["spec"]["setting"] == "tune" and r["spec"]["method"] == f"{method}__{key}"
+    for method, cands in (CANDIDATES if setting == "tune" else ABLATIONS).items():
+        for key in cands:
+            overrides = run_overrides(setting, f"{method}__{key}")[:-len(_TUNE)]
+            rs = [r for r in records if r["spec"]["setting"] == setting and r["spec"]["method"] == f"{method}__{key}"
                   and "error" not in r and r["curve"]]
             if not rs:
                 continue
@@ -316,7 +306,8 @@ def summarize(out: Path, aa_n: int, name: str = NAME, tiny: bool = False) -> Dic
     tune = _tune_rows(records)
     compare = [row for row in (_test_rows(records, m, aa_n) for m in ("fast_bat_t1", "fast_at", "pgd10")) if row]
     summary = {"machine": machine_info("cpu"), "config": CONFIG, "config_sha256": config_digest(),
-               "selected": SELECTED, "tune": tune, "selected_by_records": select(tune), "stability": stability,
+               "selected": SELECTED, "tune": tune, "selected_by_records": select(tune),
+               "ablation": _tune_rows(records, "ablation"), "stability": stability,
                "compare": compare, "stale": stale,
                "runs": len(records), "run_wall_time_s_total": sum(r.get("wall_time_s", 0.0) for r in records
                                                                   if "error" not in r)}
@@ -355,6 +346,14 @@ def markdown(summary: Dict[str, Any]) -> str:
                   + ", ".join(f"{m} {k}" for m, k in by_records.items())
                   + ("." if by_records == summary["selected"] else
                      f"; SELECTED differs ({summary['selected']}): update it and rerun the comparison."), ""]
+    if summary.get("ablation"):
+        lines += ["## Ablations of the chosen recipes (validation split, scored as the tuning; never selected)", "",
+                  markdown_table(["method", "ablation", "overrides", "last val robust per seed", "score", "max drop",
+                                  "CO", "s/epoch"],
+                                 [[r["method"], r["candidate"], " ".join(r["overrides"]),
+                                   ", ".join(f"{100 * v:.1f}" for v in r["val_robust_last"]), f"{100 * r['score']:.1f}",
+                                   f"{100 * r['max_drop']:.1f}", r["co_runs"], f"{r['s_per_epoch']:.1f}"]
+                                  for r in summary["ablation"]]), ""]
     st = summary["stability"]
     if st:
         crit = ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in st["criterion"].items())
@@ -396,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     p.add_argument("--tune-seeds", type=int, nargs="+", default=list(TUNE_SEEDS))
     p.add_argument("--only", nargs="+", default=[], metavar="PATTERN", help="run names to run (globs, e.g. 'fast_bat*')")
-    p.add_argument("--top", type=int, default=2, help="candidates per method tuned on the seeds after the first")
+    p.add_argument("--top", type=int, default=3, help="candidates per method tuned on the seeds after the first")
     p.add_argument("--jobs", type=int, default=2, help="runs at once (a run with cpu_threads 2 uses two threads)")
     p.add_argument("--aa-n", type=int, default=500, help="test images for AutoAttack (compare phase)")
     p.add_argument("--aa-seeds", type=int, nargs="*", default=list(SEEDS),

@@ -31,14 +31,14 @@ def _args(out, **kw):
 def test_every_planned_run_is_a_valid_config_of_its_recipe(tmp_path):
     from applications.adversarial.config import load_config
 
-    for phase in ("tune", "stability") + (("compare",) if qs.SELECTED else ()):
+    for phase in ("tune", "ablation", "stability") + (("compare",) if qs.SELECTED else ()):
         for s in qs.specs(phase, _args(tmp_path)):
             cfg = load_config(REPO / s["config"], s["overrides"])
             assert cfg.eps == pytest.approx(0.3) and cfg.seed == s["seed"] and cfg.eval.autoattack_n is None
             assert cfg.data.name == "mnist5k" and cfg.model.name == "small_cnn"
             name = s["method"].split("__")[0]
             assert cfg.method.name == {"fast_bat_t1": "fast_bat", "fast_bat_t2": "fast_bat", "pgd10": "pgd"}.get(name, name)
-            assert cfg.eval.final_test is (phase != "tune")  # tuning never looks at the test images
+            assert cfg.eval.final_test is (phase not in ("tune", "ablation"))  # tuning never looks at the test images
             assert cfg.cpu_threads == (int(name[-1]) if name.startswith("fast_bat_t") else 1)
     sizes = {m: len(c) for m, c in qs.CANDIDATES.items()}
     assert set(sizes) == {"fast_bat", "fast_at", "pgd10"} and len(set(sizes.values())) == 1  # the same budget
@@ -72,6 +72,21 @@ def test_selected_is_the_choice_of_the_committed_tuning_records():
     for method, key in qs.BASE.items():  # round 2 is built on round 1's choice by the same rule
         round1 = [r for r in summary["tune"] if r["method"] == method and r["candidate"] in qs.ROUND1[method]]
         assert qs.select(round1)[method] == key
+    for method, key in qs.BASE3.items():  # and round 3 on round 2's
+        rounds12 = [r for r in summary["tune"] if r["method"] == method
+                    and (r["candidate"] in qs.ROUND1[method] or r["candidate"] in qs.ROUND2[method])]
+        assert qs.select(rounds12)[method] == key
+
+
+def test_the_ablation_is_the_chosen_fast_bat_recipe_without_its_implicit_term(tmp_path):
+    from applications.adversarial.methods import build_method
+
+    (abl,) = [s for s in qs.specs("ablation", _args(tmp_path)) if s["seed"] == 0]
+    tuned = qs.resolved([*qs.CANDIDATES["fast_bat"][qs.SELECTED["fast_bat"]], *qs._TUNE, "seed=0", "device=cpu",
+                         "eval.autoattack_n=0"])
+    assert abl["resolved"]["method"] == {**tuned["method"], "lam": float("inf")}
+    assert {k: v for k, v in abl["resolved"].items() if k != "method"} == {k: v for k, v in tuned.items() if k != "method"}
+    assert build_method(**abl["resolved"]["method"]).requires_double_backward is False  # no implicit term at all
 
 
 def _write(out, s, curve, co=False, test=None):
@@ -188,26 +203,33 @@ def _guide_rows():
     return [[c.strip() for c in line.split("|")[1:-1]] for line in guide.splitlines() if line.startswith("| ")]
 
 
-def test_the_guides_round_2_table_is_the_committed_tuning():
-    """Each row of the guide's round-2 table (method, knob, seed 0, seed 1, mean, chosen) is the committed record
-    of that candidate: its validation accuracies, the detector's verdicts and whether it was selected."""
+def test_the_guides_round_2_and_3_tables_are_the_committed_tuning():
+    """Each row of the guide's round-2 and round-3 tables (method, knob, seed 0, seed 1, mean, chosen) is the
+    committed record of that candidate: its validation accuracies, the detector's verdicts and whether it was
+    selected."""
     summary = json.loads((REPO / "benchmarks" / "results" / f"{qs.NAME}.json").read_text())
     tune = {(r["method"], r["candidate"]): r for r in summary["tune"]}
-    rows = [c for c in _guide_rows() if len(c) == 6 and c[0] in TUNE_LABELS
-            and (c[1] == "round 1's choice" or c[1].startswith("`+"))]
+    bases = {"round 1's choice": qs.BASE, "round 2's choice": qs.BASE3}
+    rows = [c for c in _guide_rows() if len(c) == 6 and c[0] in TUNE_LABELS and (c[1] in bases or c[1].startswith("`+"))]
     method_knobs = {(TUNE_LABELS[c[0]], c[1]) for c in rows}
-    assert method_knobs == {(m, "round 1's choice") for m in qs.BASE} | {(m, f"`{k[len(qs.BASE[m]):]}`")
-                                                                         for m in qs.BASE for k in qs.ROUND2[m]}
+    assert method_knobs == ({(m, b) for m in qs.BASE for b in bases}
+                            | {(m, f"`{k[len(qs.BASE[m]):]}`") for m in qs.BASE for k in qs.ROUND2[m]}
+                            | {(m, f"`{k[len(qs.BASE3[m]):]}`") for m in qs.BASE3 for k in qs.ROUND3[m]})
     for c in rows:
         method = TUNE_LABELS[c[0]]
-        key = qs.BASE[method] + ("" if c[1] == "round 1's choice" else c[1].strip("`"))
+        if c[1] in bases:
+            key, rnd = bases[c[1]][method], 2 if c[1] == "round 1's choice" else 3
+        else:
+            knob = c[1].strip("`")
+            rnd = 2 if qs.BASE[method] + knob in qs.ROUND2[method] else 3
+            key = (qs.BASE if rnd == 2 else qs.BASE3)[method] + knob
         r = tune[(method, key)]
         cells = [f"{100 * v:.1f}" for v in r["val_robust_last"]] + ["–"] * (2 - len(r["seeds"]))
         for cell, want in zip(c[2:4], cells):
             assert cell.split(" ")[0] == want, (key, c)
         assert sum("(CO)" in cell for cell in c[2:4]) == r["co_runs"], (key, c)  # the seeds where the detector fired
         assert c[4] == (f"{100 * r['score']:.1f}" if len(r["seeds"]) == 2 else ""), (key, c)
-        assert (c[5] == "**yes**") == (qs.SELECTED[method] == key), (key, c)
+        assert (c[5] == "**yes**") == ((qs.BASE3 if rnd == 2 else qs.SELECTED)[method] == key), (key, c)  # the round's
 
 
 def test_the_guide_and_the_readme_quote_the_committed_comparison():
@@ -231,3 +253,17 @@ def test_the_guide_and_the_readme_quote_the_committed_comparison():
         aa = r["best_aa"]  # the README quotes each method's AutoAttack accuracy, once every seed has it
         if aa and aa["n"] == len(r["seeds"]):
             assert f"{aa['mean']:.3f} ± {aa['std']:.3f} [{aa['min']:.3f}, {aa['max']:.3f}]" in readme, r["method"]
+
+
+def test_the_guide_quotes_the_committed_ablation():
+    """The guide's sentence on Fast-BAT without its implicit term is the committed ablation record (and the record
+    of the recipe it is set against)."""
+    summary = json.loads((REPO / "benchmarks" / "results" / f"{qs.NAME}.json").read_text())
+    (abl,) = [r for r in summary["ablation"] if (r["method"], r["candidate"]) == ("fast_bat", "lam_inf")]
+    (ref,) = [r for r in summary["tune"] if (r["method"], r["candidate"]) == ("fast_bat", qs.SELECTED["fast_bat"])]
+    assert abl["seeds"] == ref["seeds"] == [0, 1]
+    a, b = (f"{100 * v:.1f}" for v in abl["val_robust_last"])
+    c, d = (f"{100 * v:.1f}" for v in ref["val_robust_last"])
+    text = " ".join((REPO / "docs" / "adversarial.md").read_text(encoding="utf-8").split())
+    assert (f"ended at {a} and {b} on seeds 0 and 1 (mean {100 * abl['score']:.1f}, "
+            f"{'stable' if abl['stable'] else 'unstable'}), against {c} and {d} with $\\lambda = 10$.") in text
