@@ -4,9 +4,9 @@ Four phases, each a set of runs of the training program's own ``train`` (through
 :func:`benchmarks.study_runs.run_one`), all on the embedded MNIST digits at eps 0.3 with the small CNN:
 
 * ``tune`` — every candidate recipe of :data:`CANDIDATES` (Fast-BAT, Fast-AT and PGD-10-AT: the same number
-  of candidates each) trained with the final test off on the first tuning seed, then the ``--top`` (2)
-  best of each method on the other tuning seeds (the same budget for every method; run the phase twice,
-  as the second round waits for the first). The candidates come in two rounds: :data:`ROUND1`, a grid of
+  of candidates each) trained with the final test off on the first tuning seed, then the ``--top`` (3; 2 for
+  rounds 1 and 2) best of each method on the other tuning seeds (the same budget for every method; run the phase
+  twice, as the second round waits for the first). The candidates come in three rounds: :data:`ROUND1`, a grid of
   attack step x learning rate, and :data:`ROUND2`, one knob at a time (schedule, its peak, epochs, and two
   of the method's own: Fast-BAT's lambda) on round 1's choice :data:`BASE`, and :data:`ROUND3`, one knob at a
   time again (batch size, width, the attack's initialization, one of the method's own) on round 2's choice
