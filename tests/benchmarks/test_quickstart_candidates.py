@@ -53,7 +53,7 @@ def test_round_3_tries_the_attacks_initialization_the_batch_size_and_the_width()
     for m, cands in qc.ROUND3.items():
         changed = {}
         ref = _leaves(qs.resolved(qc.CANDIDATES[m][qc.BASE3[m]]))
-        for key, overrides in cands.items():
+        for overrides in cands.values():
             changed.update({k: v for k, v in _leaves(qs.resolved(overrides)).items() if ref.get(k, "absent") != v})
         assert changed["method.random_start"] is False
         assert {32, 128} <= {qs.resolved(o)["train"]["batch_size"] for o in cands.values()}

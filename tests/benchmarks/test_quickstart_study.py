@@ -194,7 +194,7 @@ def test_the_main_jobs_reference_is_the_committed_stability_row():
 
 #: The guide's label of each compared method (docs/adversarial.md, "The quickstart recipe").
 GUIDE_LABELS = {"fast_bat_t1": "Fast-BAT (the quickstart)", "fast_at": "Fast-AT (step 0.375, lr 0.2, peak 0.3)",
-                "pgd10": "PGD-10-AT (step 0.0375, lr 0.1, 20 epochs)"}
+                "pgd10": "PGD-10-AT (step 0.0375, lr 0.1, 20 epochs, width 24)"}
 TUNE_LABELS = {"Fast-BAT": "fast_bat", "Fast-AT": "fast_at", "PGD-10-AT": "pgd10"}
 
 
