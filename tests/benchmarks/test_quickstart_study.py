@@ -267,3 +267,10 @@ def test_the_guide_quotes_the_committed_ablation():
     text = " ".join((REPO / "docs" / "adversarial.md").read_text(encoding="utf-8").split())
     assert (f"ended at {a} and {b} on seeds 0 and 1 (mean {100 * abl['score']:.1f}, "
             f"{'stable' if abl['stable'] else 'unstable'}), against {c} and {d} with $\\lambda = 10$.") in text
+    readme = " ".join((REPO / "README.md").read_text(encoding="utf-8").split())
+    assert f"cost nothing on the validation split ({abl['score']:.3f} against {ref['score']:.3f})" in readme
+    assert abl["score"] >= ref["score"]
+    # "about 40 % cheaper" per epoch than the round-3 candidates with the quickstart's passes, run the same way
+    same_passes = [r["s_per_epoch"] for r in summary["tune"] if r["method"] == "fast_bat"
+                   and r["candidate"] in (qs.BASE3["fast_bat"] + "+zero_start", qs.BASE3["fast_bat"] + "+zstep37.5")]
+    assert len(same_passes) == 2 and 0.35 < 1 - abl["s_per_epoch"] / statistics.mean(same_passes) < 0.45
