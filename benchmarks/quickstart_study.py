@@ -122,10 +122,9 @@ def _last_val_robust(path: Path, s: Dict[str, Any]) -> Optional[float]:
     return curve[-1]["val_robust_acc"] if curve else 0.0
 
 
-def recipe(method: str, tuned: bool = False) -> Tuple[str, ...]:
-    """The overrides of the quickstart config that give ``method``'s selected recipe (none for Fast-BAT, whose
-    recipe is the config itself, unless ``tuned``: then its candidate's overrides, as the tuning ran it)."""
-    if method == "fast_bat" and not tuned:
+def recipe(method: str) -> Tuple[str, ...]:
+    """The overrides of the quickstart config that give ``method``'s selected recipe (none for Fast-BAT)."""
+    if method == "fast_bat":
         return ()
     if method not in SELECTED:
         raise SystemExit(f"no selected recipe for {method}: run the tune phase and fill SELECTED")
@@ -141,7 +140,7 @@ def run_overrides(setting: str, method: str) -> Optional[Tuple[str, ...]]:
         return (*CANDIDATES[m][k], *_TUNE) if k in CANDIDATES.get(m, {}) else None
     if setting == "ablation":
         m, _, k = method.partition("__")
-        return (*recipe(m, tuned=True), *ABLATIONS[m][k], *_TUNE) if k in ABLATIONS.get(m, {}) else None
+        return (*CANDIDATES[m][SELECTED[m]], *ABLATIONS[m][k], *_TUNE) if k in ABLATIONS.get(m, {}) else None
     if method in {f"fast_bat_t{t}" for t in THREADS}:
         return (f"cpu_threads={method[len('fast_bat_t'):]}",)
     if method in SELECTED and method != "fast_bat":
