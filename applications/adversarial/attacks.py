@@ -33,6 +33,7 @@ __all__ = [
     "Generator",
     "ShardedGenerator",
     "attack_problem",
+    "attack_start",
     "model_params",
     "pgd_attack",
     "rand_like",
@@ -114,6 +115,11 @@ def uniform_start(x: Tensor, radius: float, generator: Generator = None) -> Tens
     reproducible; ``None`` uses the global generator.
     """
     return bl.Box(-x, 1.0 - x, check=False).project(uniform_noise(x, radius, generator))
+
+
+def attack_start(x: Tensor, radius: float, random: bool, generator: Generator = None) -> Tensor:
+    """An attack's start: :func:`uniform_start` when ``random``, else zero (``generator`` then not consumed)."""
+    return uniform_start(x, radius, generator) if random else torch.zeros_like(x)
 
 
 def model_params(model: nn.Module) -> Dict[str, Tensor]:

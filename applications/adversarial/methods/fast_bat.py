@@ -14,7 +14,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import bilevel as bl
 
-from ..attacks import Generator, attack_problem, model_params, threat_set, uniform_start
+from ..attacks import Generator, attack_problem, attack_start, model_params, threat_set
 from .base import OptionError, TrainingMethod, attacker, bn_stats_frozen, check_bool, check_eps, check_positive
 
 __all__ = ["PRODUCTS", "FastBAT"]
@@ -168,7 +168,7 @@ class FastBAT(TrainingMethod):
         update_bn = self.update_bn_on_attack and any(
             isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules())
         with bn_stats_frozen(model, not self.update_bn_on_attack):
-            z0 = uniform_start(x, self.eps, generator) if self.random_start else torch.zeros_like(x)
+            z0 = attack_start(x, self.eps, self.random_start, generator)
             z = attack.solver.run(attack, params, z0)
             if self.differenced:
                 # the differenced backward re-runs g after this block: its passes never update statistics

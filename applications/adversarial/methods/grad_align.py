@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 import bilevel as bl
 
-from ..attacks import Generator, attack_problem, model_params, threat_set, uniform_noise, uniform_start
+from ..attacks import Generator, attack_problem, attack_start, model_params, threat_set, uniform_noise
 from .base import OptionError, TrainingMethod, attacker, bn_stats_frozen, check_bool, check_eps, check_positive
 
 __all__ = ["GradAlign", "gradient_alignment"]
@@ -103,7 +103,7 @@ class GradAlign(TrainingMethod):
                      attack_model: Optional[nn.Module] = None) -> Tensor:
         model = attacker(model, attack_model)
         attack = attack_problem(model, x, y, threat_set(x, self.eps))
-        z0 = uniform_start(x, self.eps, generator) if self.random_start else torch.zeros_like(x)
+        z0 = attack_start(x, self.eps, self.random_start, generator)
         with bn_stats_frozen(model, not self.update_bn_on_attack):
             return bl.solve(attack, model_params(model), z0, bl.Linearized(step=self.step_size, sign=True), check_finite=False)
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
 from torch import Tensor, nn
 
 import bilevel as bl
 
-from ..attacks import Generator, attack_problem, model_params, threat_set, uniform_start
+from ..attacks import Generator, attack_problem, attack_start, model_params, threat_set
 from .base import OptionError, TrainingMethod, attacker, bn_stats_frozen, check_bool, check_eps, check_positive
 
 __all__ = ["PGDAT"]
@@ -54,5 +53,5 @@ class PGDAT(TrainingMethod):
         solver = bl.SignedProjectedGradient(step_size=self.step_size, steps=self.steps)
         attack = attack_problem(model, x, y, threat_set(x, self.eps), solver)
         with bn_stats_frozen(model, not self.update_bn_on_attack):
-            z0 = uniform_start(x, self.eps, generator) if self.random_start else torch.zeros_like(x)
+            z0 = attack_start(x, self.eps, self.random_start, generator)
             return bl.solve(attack, model_params(model), z0, bl.FirstOrder(), check_finite=False)
