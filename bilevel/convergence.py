@@ -112,7 +112,7 @@ class ConvergenceCheck:
         return r_end
 
     def linear(self, info: Any, damping: float = 0.0) -> None:
-        """Test the linear solve's relative residual and, for CG, the smallest curvature it met.
+        r"""Test the linear solve's relative residual and, for CG, the smallest curvature it met.
 
         ``damping`` is the :math:`\rho` the system was damped with: CG measures :math:`H + \rho I`, so a
         curvature ``c`` bounds :math:`H`'s smallest eigenvalue by :math:`c - \rho`."""

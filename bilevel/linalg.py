@@ -29,7 +29,7 @@ class LinearSolveInfo:
             :class:`DenseSolve` (one extra product), CG's recursive residual unless ``CG(true_residual=True)``.
         rhs_norm: :math:`\\|b\\|_2`, so ``residual_norm / rhs_norm`` is the relative residual.
         iterations: the number of iterations run (matrix-vector products).
-        min_curvature: :class:`CG` only: the smallest Rayleigh quotient :math:`p^\top A p / p^\top p` over
+        min_curvature: :class:`CG` only: the smallest Rayleigh quotient :math:`p^\\top A p / p^\\top p` over
             its search directions before convergence. Non-positive means :math:`A` is not positive definite
             and CG's answer is meaningless (:class:`~bilevel.ConvergenceCheck` warns).
     """
