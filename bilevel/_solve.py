@@ -48,7 +48,8 @@ def solve(lower: LowerProblem, x: Tree, init: Tree, strategy: Strategy, *, check
         init: the solver's starting point (or the linearization point for :class:`~bilevel.Linearized`),
             a tree shaped like the lower variable, or an ``nn.Module`` (a detached copy of its parameters,
             :func:`bilevel.parameters`; ``g`` then receives a ``{name: tensor}`` dict, evaluated with
-            :func:`bilevel.functional`).
+            :func:`bilevel.functional`). The module that is also ``x`` stands for ``x`` itself, as a tree passed
+            twice does: MAML's ``solve(lower, net, net, Unrolled())`` differentiates through the start.
         strategy: :class:`~bilevel.Implicit`, :class:`~bilevel.Unrolled`, :class:`~bilevel.Linearized`
             or :class:`~bilevel.FirstOrder`.
         check_finite: raise ``FloatingPointError`` if the solution has NaN or Inf. ``None`` (default): check
@@ -56,10 +57,12 @@ def solve(lower: LowerProblem, x: Tree, init: Tree, strategy: Strategy, *, check
             where it would be a host synchronization per call, the one a training loop otherwise avoids
             (check the loss every N steps instead). ``True`` checks everywhere, ``False`` nowhere.
     """
-    if isinstance(x, nn.Module):
-        x = parameters(x, detach=False)
+    x_module = x if isinstance(x, nn.Module) else None
+    if x_module is not None:
+        x = parameters(x_module, detach=False)
     if isinstance(init, nn.Module):
-        init = parameters(init)
+        # the same module twice is one variable, as a tree passed twice is (MAML: the start is x)
+        init = x if init is x_module else parameters(init)
     _check_inputs(lower, x, init, strategy)
     y = strategy.solve(lower, x, init)
     y_flat, _ = leaves(y)

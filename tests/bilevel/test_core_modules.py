@@ -82,6 +82,27 @@ def test_a_module_upper_variable_receives_the_gradient_in_its_parameters():
     assert torch.equal(net.bias, w.detach())
 
 
+@pytest.mark.parametrize("strategy", [bl.Unrolled(), bl.FirstOrder(through_init=True),
+                                      bl.Implicit(bl.CG(maxiter=40), check=None)], ids=repr)
+def test_the_module_passed_as_x_and_init_is_one_variable(strategy):
+    """MAML written with the module, ``solve(lower, net, net, ...)``, equals the tree passed twice: the start is x
+    (through it, Unrolled and FirstOrder(through_init=True) get a non-zero meta-gradient from a g without x)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+    xs, xq = torch.randn(10, 1, dtype=torch.float64), torch.randn(10, 1, dtype=torch.float64)
+    ys, yq = torch.sin(3 * xs), torch.sin(3 * xq)
+    model = bl.functional(net)
+    imaml = isinstance(strategy, bl.Implicit)  # iMAML's proximal term, solved to convergence; plain MAML otherwise
+    g = lambda theta, w: ((model(w, xs) - ys) ** 2).mean() + imaml * 0.5 * sum(((w[k] - theta[k]) ** 2).sum() for k in w)
+    lower = bl.LowerProblem(g, solver=bl.GradientDescent(0.1, 300 if imaml else 5))
+    ((model(bl.solve(lower, net, net, strategy), xq) - yq) ** 2).mean().backward()
+    theta = {k: v.detach().clone().requires_grad_() for k, v in net.named_parameters()}
+    ((model(bl.solve(lower, theta, theta, strategy), xq) - yq) ** 2).mean().backward()
+    for k, p in net.named_parameters():
+        assert p.grad is not None and p.grad.abs().max() > 1e-6, k
+        torch.testing.assert_close(p.grad, theta[k].grad, rtol=1e-12, atol=1e-14)
+
+
 def test_bad_module_inputs_are_named():
     net = nn.Linear(2, 3)
     with pytest.raises(KeyError, match="no parameters"):
