@@ -16,7 +16,7 @@ from torch.utils import _pytree as pytree
 Tree = Any
 
 __all__ = ["Tree", "leaves", "leaves_like", "unflatten", "tree_map", "to_vector", "from_vector", "is_functorch_mode",
-           "plain_values"]
+           "is_vmapped", "plain_values"]
 
 
 # The spec of a bare tensor, shared so that the common single-tensor case skips the pytree machinery.
@@ -116,6 +116,15 @@ def is_functorch_mode(tensors: Sequence[torch.Tensor] = ()) -> bool:
         return True
     check = torch._C._functorch.is_functorch_wrapped_tensor
     return any(check(t) for t in tensors)
+
+
+def is_vmapped() -> bool:
+    """True inside a ``torch.func.vmap``, at any level of the transform stack (``vmap(grad(F))`` included)."""
+    if _is_compiling():
+        return False
+    f = torch._C._functorch
+    stack = f.get_interpreter_stack() or []  # None outside every transform
+    return any(level.key() == f.TransformType.Vmap for level in stack)
 
 
 def plain_values(t: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from ._autodiff import detach_tree
-from ._tree import Tree, leaves, unflatten
+from ._tree import Tree, is_vmapped, leaves, unflatten
 from .problem import LowerProblem
 from .solvers import Solver, check_steps, with_weight_decay
 from .stochastic.batches import BatchSource, as_batches
@@ -71,6 +71,9 @@ class TorchOptim(Solver):
     def run(self, lower: LowerProblem, x: Tree, init: Tree, *, differentiable_steps: int = 0) -> Tree:
         if differentiable_steps:
             raise TypeError(_NOT_DIFFERENTIABLE)
+        if is_vmapped():
+            raise TypeError("TorchOptim under vmap: a torch.optim optimizer steps real tensors, one problem at a time; "
+                            "under vmap use bilevel's functional solvers (GradientDescent, SGD, Adam), or loop over tasks")
         x_d = detach_tree(x)
         y_flat, spec = leaves(init)
         ys = [t.detach().clone().requires_grad_() for t in y_flat]

@@ -8,7 +8,7 @@ from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 
-from .._tree import Tree, is_functorch_mode, leaves, leaves_like, plain_values, to_vector, unflatten
+from .._tree import Tree, is_functorch_mode, is_vmapped, leaves, leaves_like, plain_values, to_vector, unflatten
 from ..convergence import ConvergenceCheck
 from ..linalg import CG, LinearSolveInfo, LinearSolver
 from ..problem import LowerProblem
@@ -51,7 +51,8 @@ class Implicit(Strategy):
             (first-order gradients only: 2 or 1 gradient evaluations per product).
         warm_start: start each linear solve from the previous backward pass's solution :math:`u`
             (AmIGO's warm start; across outer steps :math:`u` changes little, so fewer iterations suffice).
-            State on the object: not for use under ``torch.func`` transforms.
+            State on the object, so one sequence of solves: plain autograd or ``torch.func.grad``; refused
+            under ``vmap``, where one state would serve every task.
         residual: a :class:`~bilevel.ResidualCheck`: after each forward solve, the lower optimality
             residual is stored in ``last_residual`` (and checked against its tolerance, if it has one).
         check: a :class:`~bilevel.ConvergenceCheck` (the default: on the first solve and every 100th, warn
@@ -95,6 +96,8 @@ class Implicit(Strategy):
                 "Implicit: the solver draws mini-batches (g(x, y, batch)), but Implicit's backward pass linearizes the "
                 "full objective g(x, y); give g a default batch meaning the full data (def g(x, y, batch=None)), or use "
                 "a stochastic strategy (AmIGO, StocBiO) whose backward pass draws its own batches")
+        if self.warm_start and is_vmapped():
+            raise ValueError(_WARM_UNDER_VMAP)
         return implicit_solution(self, lower, x, init)
 
     def backward(self, lower: LowerProblem, x_flat: List[torch.Tensor], x_spec: Any, y_flat: List[torch.Tensor],
@@ -107,6 +110,8 @@ class Implicit(Strategy):
         matvec = masked_operator(lin.hvp, d, self.damping)
         matmat = masked_operator(lin.hvp_batched, d, self.damping)  # rows (k, n): the mask broadcasts
         b = v if d is None else d * v
+        if self.warm_start and _vmapped(b):  # a backward pass batched apart from the forward one (jacrev)
+            raise ValueError(_WARM_UNDER_VMAP)
         warm = self.last_solution if self.warm_start else None
         # x0 only when there is one: linear solvers written before warm starts keep working
         warm_kw = {"x0": warm} if warm is not None and warm.shape == b.shape else {}
@@ -114,9 +119,19 @@ class Implicit(Strategy):
         if d is not None:
             u = d * u
         if self.warm_start:
-            self.last_solution = u.detach()
+            self.last_solution = plain_values(u)  # outlives a torch.func.grad call
         self.last_info = _plain_info(info)
         return [-t for t in lin.cross(u)]
+
+
+_WARM_UNDER_VMAP = (
+    "Implicit(warm_start=True) under vmap: the warm start is one linear-system solution kept on the strategy "
+    "object, and each task's system differs; use warm_start=False under vmap (or one Implicit per task in a loop)")
+
+
+def _vmapped(t: torch.Tensor) -> bool:
+    """Whether ``t`` is batched by ``vmap`` (its plain values have more dimensions than it shows)."""
+    return plain_values(t).dim() != t.dim()
 
 
 def _plain_info(info: LinearSolveInfo) -> LinearSolveInfo:

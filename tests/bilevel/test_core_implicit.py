@@ -193,6 +193,33 @@ def test_warm_started_implicit_converges_to_the_exact_system_solution_with_two_c
     assert float(cold.last_info.relative_residual) > 1e-3  # a single cold call is far from it
 
 
+def test_warm_start_under_torch_func_grad_converges_and_is_refused_under_vmap():
+    """Under torch.func.grad the kept solution is a plain tensor, so warm starts chain across calls as under
+    autograd; under vmap (over x, or over data that g captures) one state cannot serve every task: a ValueError,
+    and the state from before is kept."""
+    lower, H, C = _smooth_problem()
+    init, x = torch.zeros(5), torch.randn(3)
+    t = torch.randn(5)
+    strategy = bl.Implicit(bl.CG(maxiter=2, tol=0.0), warm_start=True)
+    F = lambda xx: (bl.solve(lower, xx, init, strategy) * t).sum()
+    for _ in range(8):
+        got = torch.func.grad(F)(x)
+    exact = torch.func.grad(lambda xx: (bl.solve(lower, xx, init, bl.Implicit(bl.DenseSolve())) * t).sum())(x)
+    torch.testing.assert_close(got, exact, rtol=1e-8, atol=1e-10)
+    kept = strategy.last_solution
+    assert not torch._C._functorch.is_functorch_wrapped_tensor(kept)
+    with pytest.raises(ValueError, match=r"warm_start=True\) under vmap"):
+        torch.func.vmap(torch.func.grad(F))(torch.randn(4, 3))
+    targets = torch.randn(4, 5)
+    per_task = lambda tt: torch.func.grad(lambda xx: (bl.solve(lower, xx, init, strategy) * tt).sum())(x)
+    with pytest.raises(ValueError, match=r"warm_start=True\) under vmap"):  # x shared, the data batched
+        torch.func.vmap(per_task)(targets)
+    with pytest.raises(ValueError, match=r"warm_start=True\) under vmap"):  # jacrev: only the backward is batched
+        torch.func.jacrev(lambda xx: bl.solve(lower, xx, init, strategy))(x)
+    assert strategy.last_solution is kept
+    torch.testing.assert_close(torch.func.grad(F)(x), exact, rtol=1e-8, atol=1e-10)  # still usable
+
+
 def test_implicit_residual_diagnostic_is_stored_and_checked():
     lower, _, _ = _smooth_problem()
     x = torch.randn(3, requires_grad=True)

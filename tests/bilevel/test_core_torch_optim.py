@@ -101,6 +101,21 @@ def test_torch_optim_refuses_unrolled_and_bad_input():
     assert "SGD" in repr(lower.solver) and "lr=0.1" in repr(lower.solver)
 
 
+def test_torch_optim_works_under_grad_and_is_refused_by_name_under_vmap():
+    """torch.func.grad gives the closed form, as autograd does; under vmap (even below grad, or over the data only)
+    a clear TypeError instead of functorch's requires_grad_ error."""
+    X, t, g, f, closed_form = _ridge()
+    lower = bl.LowerProblem(g, solver=bl.TorchOptim(torch.optim.SGD, 400, lr=0.01, momentum=0.9))
+    F = lambda lam: f(lam, bl.solve(lower, lam, torch.zeros(5), bl.Implicit(bl.CG(maxiter=10))))
+    lam = torch.full((5,), 0.5)
+    got = torch.func.grad(F)(lam)
+    assert float((got - closed_form(lam)[1]).norm() / closed_form(lam)[1].norm()) < 1e-5
+    for batched in (torch.func.vmap(F), torch.func.vmap(torch.func.grad(F)),
+                    torch.func.vmap(lambda s: F(lam) * s)):
+        with pytest.raises(TypeError, match="TorchOptim under vmap"):
+            batched(torch.rand(3, 5) + 0.5)
+
+
 def test_first_order_over_torch_optim_returns_the_ridge_solution_as_a_constant():
     _, _, g, f, closed_form = _ridge()
     lam = torch.full((5,), 0.5, requires_grad=True)
