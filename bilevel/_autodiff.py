@@ -21,12 +21,33 @@ from ._tree import Tree, from_vector, is_functorch_mode, leaves, to_vector, tree
 
 Objective = Callable[[Tree, Tree], torch.Tensor]
 
-__all__ = ["value_and_grad_y", "gradients", "SecondOrderProducts", "ExactProducts", "detach_tree", "zeros_for_none"]
+__all__ = ["value_and_grad_y", "gradients", "SecondOrderProducts", "ExactProducts", "detach_tree", "zeros_for_none",
+           "reaches"]
 
 
 def detach_tree(tree: Tree) -> Tree:
     """Every leaf detached from the autograd graph."""
     return tree_map(lambda t: t.detach(), tree)
+
+
+def reaches(outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor]) -> bool:
+    """Whether the autograd graph of ``outputs`` reaches any of ``inputs`` (a walk over the graph's nodes, no
+    arithmetic). ``True`` when the graph cannot be read (a torch without ``get_gradient_edge``)."""
+    edge = getattr(torch.autograd.graph, "get_gradient_edge", None)
+    if edge is None:  # pragma: no cover - torch < 2.2
+        return True
+    targets = {edge(t).node for t in inputs if t.requires_grad}
+    stack = [t.grad_fn for t in outputs if t.grad_fn is not None]
+    seen = set()
+    while stack:
+        node = stack.pop()
+        if node in targets:
+            return True
+        if node in seen:
+            continue
+        seen.add(node)
+        stack.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
+    return False
 
 
 def _check_scalar(value: torch.Tensor) -> None:
@@ -146,6 +167,7 @@ class ExactProducts(SecondOrderProducts):
         for t in self.y_like[:-1]:
             self._offsets.append(self._offsets[-1] + t.numel())
         self.functorch = is_functorch_mode(list(x_flat) + list(y_flat))
+        self.x_unused = False  # set by cross() under autograd (functorch's vjp gives zeros, not None)
         if self.functorch:
             grad_y = torch.func.grad(lambda xx, yy: objective(xx, yy), argnums=1)
             x_tree, y_tree = unflatten(list(x_flat), x_spec), unflatten(list(y_flat), y_spec)
@@ -201,4 +223,5 @@ class ExactProducts(SecondOrderProducts):
         if self.functorch:
             return list(leaves(self._vjp_x(self._split_y(u))[0])[0])
         grads = self._autograd_vjp(u, self._xs)
+        self.x_unused = all(g is None for g in grads)  # grad_y g has no path to x: g does not use x
         return zeros_for_none(grads, self.x_like)

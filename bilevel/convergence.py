@@ -111,7 +111,7 @@ class ConvergenceCheck:
             )
         return r_end
 
-    def linear(self, info: Any, damping: float = 0.0) -> None:
+    def linear(self, info: Any, damping: float = 0.0, solver: Any = None) -> None:
         r"""Test the linear solve's relative residual and, for CG, the smallest curvature it met.
 
         ``damping`` is the :math:`\rho` the system was damped with: CG measures :math:`H + \rho I`, so a
@@ -136,5 +136,20 @@ class ConvergenceCheck:
                             f"most {low - damping:.3g}, so damping must exceed {damping - low:.3g} at least")
         if problems:
             self._report("Implicit: the linear system of the implicit hypergradient is not solved: " + "; ".join(problems)
-                         + ". Solve the lower problem further (smaller inner step, more steps), add damping=, or raise "
-                         "the linear solver's iterations; check=None turns this check off.")
+                         + ". " + _linear_remedy(solver, rel, curv) + "; check=None turns this check off.")
+
+
+def _linear_remedy(solver: Any, rel: torch.Tensor, curvature: Optional[torch.Tensor]) -> str:
+    """What to change, from what failed: the curvature (the lower problem), a diverging Neumann series, or too few
+    iterations of the linear solver itself."""
+    if curvature is not None and bool((curvature <= 0).any()):
+        return "Solve the lower problem further (smaller inner step, more steps) so that y* is a minimum, or add damping="
+    name = type(solver).__name__
+    if name == "Neumann" and not bool((rel < 1).all()):
+        return (f"The Neumann series grew instead of converging: its alpha={solver.alpha:g} must be below "
+                "2/lambda_max(H); lower alpha (or add damping=)")
+    for knob in ("maxiter", "steps"):  # CG's iterations, Neumann's terms
+        if hasattr(solver, knob):
+            return (f"Raise {name}'s {knob} (now {getattr(solver, knob)}) or add damping= (a better-conditioned "
+                    "system); if y* is far from a minimum, solve the lower problem further first")
+    return "Raise the linear solver's iterations or add damping=; if y* is far from a minimum, solve the lower problem further"

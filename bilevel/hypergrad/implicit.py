@@ -3,13 +3,14 @@ r"""Implicit hypergradient: the implicit function theorem on Hessian-vector prod
 from __future__ import annotations
 
 import inspect
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 
 from .._tree import Tree, is_functorch_mode, is_vmapped, leaves, leaves_like, plain_values, to_vector, unflatten
-from ..convergence import ConvergenceCheck
+from ..convergence import ConvergenceCheck, HypergradientWarning
 from ..linalg import CG, LinearSolveInfo, LinearSolver
 from ..problem import LowerProblem
 from ..products import Exact, Products, check_products
@@ -121,8 +122,17 @@ class Implicit(Strategy):
         if self.warm_start:
             self.last_solution = plain_values(u)  # outlives a torch.func.grad call
         self.last_info = _plain_info(info)
-        return [-t for t in lin.cross(u)]
+        cross = lin.cross(u)
+        if getattr(lin, "x_unused", False):
+            warnings.warn(_G_WITHOUT_X.format(name="Implicit", alternative="FirstOrder() gives the same zero without "
+                                              "the linear solve"), HypergradientWarning, stacklevel=4)
+        return [-t for t in cross]
 
+
+_G_WITHOUT_X = (
+    "{name}: the lower objective g does not depend on x (grad_y g has no path to any leaf of x), so the "
+    "hypergradient through y* is zero. g must use its first argument: a g that reads x from an enclosing scope "
+    "instead is the usual cause. If y* truly does not depend on x, {alternative}.")
 
 _WARM_UNDER_VMAP = (
     "Implicit(warm_start=True) under vmap: the warm start is one linear-system solution kept on the strategy "
@@ -240,7 +250,7 @@ class _ImplicitSolution(torch.autograd.Function):
         v_flat = [torch.zeros_like(y) if v is None else v for v, y in zip(v_flat, y_flat)]
         grads = strategy.backward(_minimized(lower), x_flat, x_spec, y_flat, y_spec, v_flat)
         if checking:
-            strategy.check.linear(strategy.last_info, getattr(strategy, "damping", 0.0))
+            strategy.check.linear(strategy.last_info, getattr(strategy, "damping", 0.0), strategy.linear_solver)
         return (None, *grads, *([None] * ctx.n_init))
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bilevel._autodiff import ExactProducts, value_and_grad_y
+from bilevel._autodiff import ExactProducts, reaches, value_and_grad_y
 from bilevel._tree import leaves
 
 D = torch.float64
@@ -104,3 +104,13 @@ def test_non_scalar_objective_is_one_clear_error(point):
     x, y = point
     with pytest.raises(ValueError, match=r"must return a scalar tensor, got \(5,\)"):
         ExactProducts(lambda x, y: x["w"] * y["a"], *leaves(x), *leaves(y))
+
+
+def test_reaches_walks_the_graph_to_leaves_and_non_leaves():
+    a, b = torch.randn(3, requires_grad=True), torch.randn(3, requires_grad=True)
+    mid = a * 2  # a non-leaf input
+    out = (mid.sin() * b.detach()).sum()
+    assert reaches([out], [a]) and reaches([out], [mid]) and not reaches([out], [b])
+    assert not reaches([torch.randn(2)], [a])  # no graph at all
+    assert reaches([out, (b ** 2).sum()], [b])  # any output, any input
+    assert not reaches([out], [torch.randn(3)])  # an input that does not require grad is never reached

@@ -142,6 +142,24 @@ def test_the_curvature_message_accounts_for_damping():
     assert f"at most {low - 1.0:.3g}" in text and f"damping must exceed {1.0 - low:.3g}" in text
 
 
+@pytest.mark.parametrize("linear_solver,remedy", [
+    (bl.Neumann(50, alpha=100.0), r"Neumann series grew.*alpha=100 must be below 2/lambda_max"),
+    (bl.Neumann(2, alpha=0.1), r"Raise Neumann's steps \(now 2\)"),
+    (bl.CG(maxiter=1), r"Raise CG's maxiter \(now 1\)"),
+], ids=["neumann-diverges", "neumann-short", "cg-short"])
+def test_the_linear_system_message_names_the_knob_that_failed(linear_solver, remedy):
+    """A ridge lower problem solved to 1e-13: the linear solve is what failed, and the message says which knob."""
+    torch.manual_seed(0)
+    X, t = torch.randn(20, 5, dtype=torch.float64), torch.randn(20, dtype=torch.float64)
+    g = lambda lam, w: 0.5 * ((X @ w - t) ** 2).mean() + 0.5 * (lam * w * w).sum()
+    lower = bl.LowerProblem(g, solver=bl.GradientDescent(0.3, 2000))
+    lam = torch.linspace(0.1, 1.0, 5, dtype=torch.float64)
+    with pytest.warns(bl.HypergradientWarning, match=remedy) as record:
+        bl.value_and_hypergrad(lambda lam, w: w.sum(), lower, lam, torch.zeros(5, dtype=torch.float64),
+                               bl.Implicit(linear_solver))
+    assert not any("Solve the lower problem further" in str(w.message) for w in record)
+
+
 def test_implicit_over_a_batch_drawing_solver_needs_a_full_objective():
     g = lambda x, y, batch: ((y - x) ** 2).mean()  # noqa: E731
     solver = bl.TorchOptim(torch.optim.SGD, 3, batches=lambda: torch.arange(2), lr=0.1)

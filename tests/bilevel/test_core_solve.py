@@ -3,6 +3,8 @@ strategy and solver argument checks; the functional form's zero hypergradient.""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from _quadratic import quadratic
@@ -96,3 +98,34 @@ def test_value_and_hypergrad_first_order_with_upper_independent_of_x_is_zero():
     value, grad = bl.value_and_hypergrad(lambda x, y: (y**2).sum(), lower, x, torch.zeros(2), bl.FirstOrder())
     torch.testing.assert_close(value, (x**2).sum())
     assert torch.equal(grad, torch.zeros(2))
+
+
+def _captured_x_problem(x_outer):
+    """The classic mistake: g reads the upper variable from the enclosing scope, not from its first argument."""
+    return lambda x, y: 0.5 * ((y - x_outer.detach()) ** 2).sum() + 0.1 * (y ** 4).sum()
+
+
+@pytest.mark.parametrize("strategy", [bl.Implicit(), bl.Unrolled(), bl.Linearized(step=0.5)],
+                         ids=lambda s: type(s).__name__)
+def test_a_lower_objective_that_ignores_x_is_reported(strategy):
+    """A zero hypergradient through y* from a g without x: a HypergradientWarning naming the cause; the same g
+    written with its argument (and MAML's g without x but init = x, under Unrolled) is silent."""
+    x = torch.tensor([0.5, -1.0], requires_grad=True)
+    bad = bl.LowerProblem(_captured_x_problem(x), solver=bl.GradientDescent(0.3, 40))
+    with pytest.warns(bl.HypergradientWarning, match=r"does not (depend on|use) x.*first argument"):
+        (bl.solve(bad, x, torch.zeros(2), strategy) ** 2).sum().backward()
+    assert x.grad is None or torch.equal(x.grad, torch.zeros(2))
+    good = bl.LowerProblem(lambda x, y: 0.5 * ((y - x) ** 2).sum() + 0.1 * (y ** 4).sum(),
+                           solver=bl.GradientDescent(0.3, 40))
+    fresh = type(strategy)(**({"step": 0.5} if isinstance(strategy, bl.Linearized) else {}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", bl.HypergradientWarning)
+        x.grad = None
+        (bl.solve(good, x, torch.zeros(2), fresh) ** 2).sum().backward()
+        assert x.grad.abs().min() > 0
+        if isinstance(strategy, bl.Unrolled):  # MAML: x enters through the start only
+            maml = bl.LowerProblem(lambda x, y: 0.5 * (y ** 2).sum(), solver=bl.GradientDescent(0.3, 5))
+            bl.solve(maml, x, x, bl.Unrolled()).sum().backward()
+        bl.solve(bad, x, torch.zeros(2), bl.FirstOrder())  # independent of x by design
+    if not isinstance(strategy, bl.Implicit):  # the first-solve mark is not a field: equality is unchanged
+        assert strategy == type(strategy)(**({"step": 0.5} if isinstance(strategy, bl.Linearized) else {}))

@@ -134,8 +134,9 @@ def test_a_full_unroll_differentiates_through_init_as_maml_needs():
         torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-14)
     theta = torch.tensor([1.0], requires_grad=True)
     truncated = bl.LowerProblem(lambda x, w: ((w - 3.0) ** 2).sum(), solver=bl.GradientDescent(0.1, 5))
-    w = bl.solve(truncated, theta, theta, bl.Unrolled(truncate=2))
-    # g does not involve theta, and the truncated start is a constant: nothing reaches theta
+    with pytest.warns(bl.HypergradientWarning, match=r"truncate=2 makes the start a constant"):
+        w = bl.solve(truncated, theta, theta, bl.Unrolled(truncate=2))
+    # g does not involve theta, and the truncated start is a constant: nothing reaches theta (and it says so)
     assert torch.autograd.grad(w.sum(), theta, allow_unused=True) == (None,)
 
 
