@@ -2,18 +2,25 @@ r"""A lower solver that runs any ``torch.optim`` optimizer, on mini-batches if g
 
 from __future__ import annotations
 
+import functools
+import warnings
 from typing import Any, Callable, Optional
 
 import torch
 
 from ._autodiff import detach_tree
 from ._tree import Tree, is_vmapped, leaves, unflatten
+from .convergence import HypergradientWarning
 from .problem import LowerProblem
 from .solvers import Solver, check_steps, with_weight_decay
 from .stochastic.batches import BatchSource, as_batches
 from .stochastic.parallel import DataParallel, mean_over
 
 __all__ = ["TorchOptim"]
+
+# optimizers whose weight_decay adds omega * y to the gradient (an L2 term), unless decoupled_weight_decay=True
+_L2_DECAY = (torch.optim.SGD, torch.optim.Adam, torch.optim.Adamax, torch.optim.Adadelta, torch.optim.Adagrad,
+             torch.optim.ASGD, torch.optim.NAdam, torch.optim.RAdam, torch.optim.RMSprop)
 
 _NOT_DIFFERENTIABLE = ("TorchOptim runs whole solves without a graph: use it with Implicit, FirstOrder or the stochastic "
                        "strategies, and a differentiable solver (GradientDescent, ...) with Unrolled")
@@ -33,7 +40,8 @@ class TorchOptim(Solver):
     needs a differentiable solver (:class:`~bilevel.GradientDescent`, ...) and is refused.
 
     Args:
-        optimizer: a ``torch.optim.Optimizer`` class, or any ``params -> optimizer`` factory.
+        optimizer: a ``torch.optim.Optimizer`` class (``LBFGS`` included: each step passes it a closure), or any
+            ``params -> optimizer`` factory.
         steps: number of steps.
         batches: a batch source (callable, iterable or ``DataLoader``; see :func:`bilevel.stochastic.as_batches`),
             or ``None`` for the full objective ``g(x, y)``.
@@ -60,11 +68,11 @@ class TorchOptim(Solver):
         raise TypeError(_NOT_DIFFERENTIABLE)
 
     def minimized(self, lower: LowerProblem) -> LowerProblem:
-        """``lower`` plus the L2 term of ``weight_decay`` for ``torch.optim.SGD``, ``Adam``, ``RMSprop`` and ``Adagrad``,
-        which add it to the gradient; other optimizers' decay (``AdamW``'s decoupled one) is not a term of the
-        objective, and its fixed points are not differentiated by :class:`~bilevel.Implicit`."""
+        """``lower`` plus the L2 term of ``weight_decay`` for the optimizers that add :math:`\\omega y` to the gradient
+        (``SGD``, ``Adam``, ``Adamax``, ``Adadelta``, ``Adagrad``, ``ASGD``, ``NAdam``, ``RAdam``, ``RMSprop``, unless
+        ``decoupled_weight_decay=True``): their fixed points minimize :math:`g + \\tfrac{\\omega}{2}\\|y\\|^2`."""
         decay = float(self.options.get("weight_decay", 0.0) or 0.0)
-        if decay and self.optimizer in (torch.optim.SGD, torch.optim.Adam, torch.optim.RMSprop, torch.optim.Adagrad):
+        if decay and self.optimizer in _L2_DECAY and not self.options.get("decoupled_weight_decay", False):
             return with_weight_decay(lower, decay)
         return lower
 
@@ -78,20 +86,40 @@ class TorchOptim(Solver):
         y_flat, spec = leaves(init)
         ys = [t.detach().clone().requires_grad_() for t in y_flat]
         opt = self.optimizer(ys, **self.options)
-        objective, batches, constrained = lower.objective, self.batches, lower.constraint is not None
-        for _ in range(self.steps):
+        self._warn_on_decoupled_decay(opt, lower)
+        objective, constrained = lower.objective, lower.constraint is not None
+
+        def closure(batch: Any) -> torch.Tensor:
+            """g on this step's batch; its gradient in ``.grad`` (averaged over the ranks, with the value)."""
             with torch.enable_grad():
                 y_tree = unflatten(ys, spec)
-                value = objective(x_d, y_tree) if batches is None else objective(x_d, y_tree, batches())
+                value = objective(x_d, y_tree) if batch is None else objective(x_d, y_tree, batch)
                 if not isinstance(value, torch.Tensor) or value.ndim != 0:
                     raise ValueError("TorchOptim: the lower objective must return a scalar tensor")
                 grads = torch.autograd.grad(value, ys, allow_unused=True)
-            grads = mean_over(self.parallel, [torch.zeros_like(t) if g is None else g for t, g in zip(ys, grads)])
+            value, *grads = mean_over(self.parallel, [value.detach()] + [torch.zeros_like(t) if g is None else g
+                                                                          for t, g in zip(ys, grads)])
             for t, g in zip(ys, grads):
                 t.grad = g
-            opt.step()
+            return value
+
+        for _ in range(self.steps):
+            batch = None if self.batches is None else self.batches()  # one batch per step, however many evaluations
+            opt.step(functools.partial(closure, batch))  # LBFGS evaluates g several times; the others once
             if constrained:
                 with torch.no_grad():
                     for t, p in zip(ys, leaves(lower.project(unflatten([t.detach() for t in ys], spec)))[0]):
                         t.copy_(p)
         return unflatten([t.detach() for t in ys], spec)
+
+    def _warn_on_decoupled_decay(self, opt: torch.optim.Optimizer, lower: LowerProblem) -> None:
+        """Once per solver: a weight decay that is not an L2 term of g (AdamW's, by default 0.01) moves the fixed point."""
+        decay = max(float(group.get("weight_decay", 0.0) or 0.0) for group in opt.param_groups)
+        if decay and self.minimized(lower) is lower and not getattr(self, "_decay_reported", False):
+            self._decay_reported = True
+            warnings.warn(
+                f"{self!r}: its weight decay ({decay:g}) is decoupled from the gradient, not the gradient of a term of g, "
+                "so the solver's fixed points do not minimize g and a hypergradient through them (Implicit, FirstOrder, "
+                "the stochastic strategies) is biased. Set weight_decay=0 and put the L2 term into g, or use an "
+                "optimizer whose weight_decay is an L2 term (torch.optim.Adam, SGD, ...).", HypergradientWarning,
+                stacklevel=4)

@@ -2,6 +2,8 @@ r"""TorchOptim: torch.optim optimizers as lower solvers (full batch and mini-bat
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from _quadratic import quadratic
@@ -114,6 +116,58 @@ def test_torch_optim_works_under_grad_and_is_refused_by_name_under_vmap():
                     torch.func.vmap(lambda s: F(lam) * s)):
         with pytest.raises(TypeError, match="TorchOptim under vmap"):
             batched(torch.rand(3, 5) + 0.5)
+
+
+def test_lbfgs_takes_its_closure_and_reaches_the_closed_form():
+    """LBFGS needs a closure (it evaluates g several times per step): TorchOptim gives it one, on one batch per step."""
+    X, t, g, f, closed_form = _ridge()
+    lam = torch.full((5,), 0.5, requires_grad=True)
+    lower = bl.LowerProblem(g, solver=bl.TorchOptim(torch.optim.LBFGS, 5, lr=1.0, max_iter=20,
+                                                    line_search_fn="strong_wolfe"))
+    w = bl.solve(lower, lam, torch.zeros(5), bl.Implicit(bl.CG(maxiter=10)))
+    w_ref, grad_ref = closed_form(lam.detach())
+    assert float((w.detach() - w_ref).norm() / w_ref.norm()) < 1e-5
+    f(lam, w).backward()
+    assert float((lam.grad - grad_ref).norm() / grad_ref.norm()) < 1e-4
+
+
+@pytest.mark.parametrize("optimizer,options", [(torch.optim.Adamax, {"lr": 0.05}), (torch.optim.ASGD, {"lr": 0.01})],
+                         ids=["adamax", "asgd"])
+def test_an_l2_weight_decay_is_part_of_the_differentiated_objective(optimizer, options):
+    """Optimizers that add omega * y to the gradient minimize g + omega/2 |y|^2: Implicit differentiates that (the
+    closed form of a ridge whose penalty is exp(lam) + omega), silently."""
+    X, t, g, f, _ = _ridge()
+    lam = torch.full((5,), 0.5, requires_grad=True)
+    omega = 0.7
+    lower = bl.LowerProblem(g, solver=bl.TorchOptim(optimizer, 3000, weight_decay=omega, **options))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", bl.HypergradientWarning)
+        w = bl.solve(lower, lam, torch.zeros(5), bl.Implicit(bl.CG(maxiter=10), check=None))
+    Hm = X.T @ X + torch.diag(torch.exp(lam.detach()) + omega)
+    w_ref = torch.linalg.solve(Hm, X.T @ t)
+    assert float((w.detach() - w_ref).norm() / w_ref.norm()) < 1e-3
+    f(lam, w).backward()
+    u = torch.linalg.solve(Hm, torch.func.grad(lambda ww: f(lam.detach(), ww))(w_ref))
+    expected = -w_ref * u * torch.exp(lam.detach())
+    assert float((lam.grad - expected).norm() / expected.norm()) < 1e-2
+
+
+@pytest.mark.parametrize("optimizer,options", [(torch.optim.AdamW, {"lr": 0.05}),
+                                               (torch.optim.NAdam, {"lr": 0.05, "weight_decay": 0.1,
+                                                                    "decoupled_weight_decay": True})],
+                         ids=["adamw-default-decay", "nadam-decoupled"])
+def test_a_decoupled_weight_decay_is_reported_once(optimizer, options):
+    """AdamW decays by 0.01 even when the user sets nothing: its fixed point does not minimize g, so the
+    hypergradient is biased; a HypergradientWarning says so, once per solver."""
+    X, t, g, f, _ = _ridge()
+    solver = bl.TorchOptim(optimizer, 50, **options)
+    lower = bl.LowerProblem(g, solver=solver)
+    lam = torch.full((5,), 0.5, requires_grad=True)
+    with pytest.warns(bl.HypergradientWarning, match=r"decoupled from the gradient.*put the L2 term into g"):
+        bl.solve(lower, lam, torch.zeros(5), bl.Implicit(check=None))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", bl.HypergradientWarning)
+        bl.solve(lower, lam, torch.zeros(5), bl.Implicit(check=None))
 
 
 def test_first_order_over_torch_optim_returns_the_ridge_solution_as_a_constant():
