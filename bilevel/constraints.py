@@ -21,6 +21,8 @@ from typing import Union
 
 import torch
 
+from ._tree import plain_values
+
 Bound = Union[float, torch.Tensor]
 
 __all__ = ["Constraint", "Box", "LInfBall", "Intersection"]
@@ -31,6 +33,11 @@ def _as_bound(b: Bound, like: torch.Tensor) -> Bound:
     if isinstance(b, torch.Tensor):
         return b.detach().to(dtype=like.dtype, device=like.device)
     return float(b)
+
+
+def _readable(*bounds: Bound) -> bool:
+    """Whether the bounds' values can be read: no tensor batched by ``vmap`` (a per-sample bound)."""
+    return all(plain_values(b).dim() == b.dim() for b in bounds if isinstance(b, torch.Tensor))
 
 
 def _shape(b: Bound) -> torch.Size:
@@ -82,14 +89,15 @@ class Box(Constraint):
     Args:
         lower, upper: bounds, floats or tensors broadcastable to ``y`` (``-inf``/``inf`` allowed).
         check: verify ``lower <= upper`` at construction. With tensor bounds this is one host
-            synchronization; pass ``check=False`` in per-batch code on a GPU.
+            synchronization; pass ``check=False`` in per-batch code on a GPU. Skipped for bounds batched by
+            ``vmap`` (per-sample bounds), whose values cannot be read there.
     """
 
     def __init__(self, lower: Bound, upper: Bound, *, check: bool = True) -> None:
         self.lower = lower
         self.upper = upper
         self._check = check
-        if check:
+        if check and _readable(lower, upper):
             self._check_nonempty()
 
     def _check_nonempty(self) -> None:
@@ -142,7 +150,7 @@ class LInfBall(Box):
     """
 
     def __init__(self, center: Bound, radius: Bound, *, check: bool = True) -> None:
-        if check:
+        if check and _readable(center, radius):
             r = torch.as_tensor(radius)
             if bool((r < 0).any()) or bool(torch.isnan(r).any()):
                 raise ValueError(f"LInfBall: radius must be >= 0, got {radius}")

@@ -79,6 +79,26 @@ def test_box_validation():
         bl.Intersection()
 
 
+def test_per_sample_bounds_built_under_vmap_skip_the_check_and_match_a_loop():
+    """Box(-img, 1 - img) inside a vmapped per-sample function: the check cannot read batched values, so it is
+    skipped (a loop still checks), and the Linearized gradient equals the loop's; under grad alone it still checks."""
+    torch.manual_seed(0)
+    imgs, W = torch.rand(4, 6, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+
+    def per_sample(W, img):
+        g = lambda W, delta: -torch.nn.functional.softplus((img + delta) @ W)
+        lower = bl.LowerProblem(g, constraint=bl.LInfBall(0.0, 0.1) & bl.Box(-img, 1 - img),
+                                solver=bl.ProjectedGradient(0.05, 10))
+        delta = bl.solve(lower, W, torch.zeros_like(img), bl.Linearized(step=0.05))
+        return torch.nn.functional.softplus((img + delta) @ W)
+
+    loop = torch.stack([torch.func.grad(per_sample)(W, img) for img in imgs])
+    batched = torch.func.vmap(torch.func.grad(per_sample), in_dims=(None, 0))(W, imgs)
+    torch.testing.assert_close(batched, loop, rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match="lower > upper"):
+        torch.func.grad(lambda w: bl.Box(w + 1.0, w).project(w).sum())(W)
+
+
 def test_check_shape():
     bl.Box(torch.zeros(4), 1.0).check_shape(torch.zeros(2, 4))  # broadcasts: fine
     with pytest.raises(ValueError, match=r"lower bound of shape \(3,\) does not broadcast"):
