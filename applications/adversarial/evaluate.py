@@ -41,7 +41,7 @@ from applications.adversarial.evaluation import autoattack_accuracy, evaluate_cl
 from applications.adversarial.guard import RUN_KIND
 from applications.adversarial.seeds import Stream, mix_seed
 from applications.common import checkpoint as ckpt_lib
-from applications.common.cli import parse_args, run_command
+from applications.common.cli import help_text, parse_args, run_command
 from applications.common.config import as_float
 from applications.common.errors import EXIT_USAGE
 
@@ -138,8 +138,9 @@ def evaluate_checkpoint(path: Path, attacks: List[str], n: Optional[int] = None,
 def main(argv: Optional[List[str]] = None) -> int:
     """The evaluate command; returns its exit status."""
     torch.set_grad_enabled(True)
-    p = argparse.ArgumentParser(prog="bilevel-evaluate", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p = argparse.ArgumentParser(prog="bilevel-evaluate", description=help_text(__doc__.split("\n\n")[0]),
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=help_text(__doc__.split("\n\n", 1)[1]))
     p.add_argument("checkpoint", type=Path, help="a .pt checkpoint or a run directory")
     p.add_argument("--n", type=int, default=None, help="first N test images (default: eval.test_n of the run)")
     p.add_argument("--batch-size", type=int, default=None)

@@ -36,7 +36,7 @@ from applications.adversarial.config import QUICKSTART, load_config
 from applications.adversarial.guard import stored_config
 from applications.adversarial.reference import reference_line
 from applications.adversarial.trainer import ConsoleHandler, train
-from applications.common.cli import ResumeHint, parse_args, run_command
+from applications.common.cli import ResumeHint, help_text, parse_args, run_command
 from applications.common.distributed import env_int
 from applications.common.errors import UserError
 from applications.common.yamlfile import read_yaml
@@ -46,8 +46,9 @@ __all__ = ["build_parser", "log_to_console", "main"]
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``bilevel-train``."""
-    p = argparse.ArgumentParser(prog="bilevel-train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p = argparse.ArgumentParser(prog="bilevel-train", description=help_text(__doc__.split("\n\n")[0]),
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=help_text(__doc__.split("\n\n", 1)[1]))
     p.add_argument("--config", type=Path, default=None, help=f"YAML config (default: {QUICKSTART.name}, or the "
                    "resumed run's config)")
     p.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR")

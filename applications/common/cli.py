@@ -26,6 +26,7 @@ line on rank 0, ``error: another process of the run stopped (...)``, exit 4.
 from __future__ import annotations
 
 import argparse
+import re
 import signal
 import sys
 from pathlib import Path
@@ -35,7 +36,7 @@ from .distributed import EXIT_PEER_LOST, env_int, leave_silently, peer_lost, pee
 from .errors import EXIT_DIVERGED, EXIT_USAGE, Diverged, UserError
 from .interrupts import Interrupted, interrupts_raise
 
-__all__ = ["ResumeHint", "parse_args", "run_command"]
+__all__ = ["help_text", "ResumeHint", "parse_args", "run_command"]
 
 
 class ResumeHint:
@@ -55,6 +56,10 @@ class ResumeHint:
         where = f" ({self.checkpoint})" if self.checkpoint is not None else ""
         return f"the last checkpoint{where} is kept; resume with: {self.command}"
 
+
+def help_text(doc: str) -> str:
+    """A docstring as ``--help`` prints it: reST roles reduced to their name, double backticks dropped."""
+    return re.sub(r":\w+:`~?\.?([\w.]+)`", lambda m: m.group(1).rsplit(".", 1)[-1], doc).replace("``", "")
 
 def parse_args(parser: argparse.ArgumentParser, argv: Optional[List[str]] = None) -> argparse.Namespace:
     """``parser``'s arguments with options and positionals (the overrides) in any order."""

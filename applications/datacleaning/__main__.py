@@ -1,7 +1,7 @@
 """``bilevel-datacleaning [--config FILE] [--results FILE] [--no-progress] [key.sub=value ...]``.
 
 Runs the configured methods and the two baselines on the data-cleaning problem (default
-:data:`~.config.DEFAULT_CONFIG`: MNIST 5k, p = 0.5, the linear model, every method) and prints the table.
+``applications/datacleaning/configs/mnist_linear.yaml``: MNIST 5k, p = 0.5, the linear model, every method) and prints the table.
 Options and ``key.sub=value`` overrides may come in any order. ``--results X.json`` also writes
 ``results.json`` to ``X.json`` and the plot to ``X.png`` (e.g. under ``benchmarks/results/``). Running
 the same command again resumes the run (a method whose options changed is trained again).
@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from applications.common.atomic import write_json
-from applications.common.cli import ResumeHint, parse_args, run_command
+from applications.common.cli import ResumeHint, help_text, parse_args, run_command
 from applications.common.config import ConfigError
 from applications.common.distributed import env_int
 
@@ -74,7 +74,7 @@ def _run(args: argparse.Namespace, argv: List[str], hint: ResumeHint) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     """The command; returns its exit status (see the module docstring)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="bilevel-datacleaning", description=__doc__.split("\n\n")[1])
+    parser = argparse.ArgumentParser(prog="bilevel-datacleaning", description=help_text(__doc__.split("\n\n")[1]))
     parser.add_argument("--config", help="YAML run configuration (default: configs/mnist_linear.yaml)")
     parser.add_argument("--results", help="also write the results JSON to this path (and the plot next to it, .png)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -130,3 +130,30 @@ def test_installed_commands_are_the_project_scripts() -> None:
         module, _, func = target.partition(":")
         assert callable(getattr(importlib.import_module(module), func)), target
         assert (ROOT / COMMANDS[name]).read_text(encoding="utf-8").count(f"def {func}(") == 1
+
+
+def test_the_extras_table_is_pyprojects() -> None:
+    """docs/index.md's table of extras names every [project.optional-dependencies] key once, and no other; the `dev`
+    row names the extras that `dev` pulls in."""
+    tomllib = pytest.importorskip("tomllib")
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["optional-dependencies"]
+    rows = dict(re.findall(r"^\| `([\w-]+)` \| ([^|]*) \|", (DOCS / "index.md").read_text(encoding="utf-8"), re.M))
+    assert set(rows) | {"apps"} == set(extras), (sorted(rows), sorted(extras))  # `apps` has its own paragraph
+    pulled = re.findall(r"bilevel\[([\w,]+)\]", " ".join(extras["dev"]))
+    for extra in ",".join(pulled).split(","):
+        assert f"`{extra}`" in rows["dev"], (extra, rows["dev"])
+
+
+@pytest.mark.parametrize("name", ["bilevel-train", "bilevel-evaluate", "bilevel-hyperopt", "bilevel-datacleaning"])
+def test_command_help_is_plain_text(name: str, capsys: pytest.CaptureFixture) -> None:
+    """``--help`` prints a description without reST markup (roles, double backticks) a terminal would show raw."""
+    import importlib
+
+    tomllib = pytest.importorskip("tomllib")
+    target = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["scripts"][name]
+    module, _, func = target.partition(":")
+    with pytest.raises(SystemExit) as stop:
+        getattr(importlib.import_module(module), func)(["--help"])
+    assert stop.value.code == 0
+    text = capsys.readouterr().out
+    assert "usage:" in text and not re.search(r":\w+:`|``", text), text
