@@ -28,12 +28,15 @@ def _check_inputs(lower: LowerProblem, x: Tree, init: Tree, strategy: Strategy) 
             f"solve: `strategy` must be a bilevel strategy object (Implicit(), Unrolled(), Linearized(...), "
             f"FirstOrder()), got {strategy!r}"
         )
-    x_flat, _ = leaves(x)
+    _check_floating(leaves(x)[0], "solve")
+    lower.check(init)
+
+
+def _check_floating(x_flat: List[torch.Tensor], who: str) -> None:
     for i, t in enumerate(x_flat):
         if not (t.is_floating_point() or t.is_complex()):
-            raise TypeError(f"solve: the upper variable x must be floating point (leaf {i} is {t.dtype}): a hypergradient "
+            raise TypeError(f"{who}: the upper variable x must be floating point (leaf {i} is {t.dtype}): a hypergradient "
                             "needs a differentiable x; convert it with .double() or .float()")
-    lower.check(init)
 
 
 def _warn_if_independent(strategy: Strategy, x: Tree, y_flat: List[torch.Tensor]) -> None:
@@ -118,6 +121,7 @@ def value_and_hypergrad(upper: Callable[[Tree, Tree], torch.Tensor], lower: Lowe
     ``torch.func.grad(lambda x: upper(x, solve(lower, x, init, strategy)))`` instead: every strategy composes.
     """
     x_flat, x_spec = leaves(x)
+    _check_floating(x_flat, "value_and_hypergrad")
     with torch.enable_grad():
         xs = [t.detach().requires_grad_() for t in x_flat]
         x_in = unflatten(xs, x_spec)

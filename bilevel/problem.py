@@ -165,6 +165,9 @@ class LowerProblem:
     def check(self, y: Tree) -> None:
         """Validate a lower variable against the constraint's shapes (no host sync)."""
         y_flat, spec = leaves(y)
+        if sum(t.numel() for t in y_flat) == 0:  # shapes only: no host sync
+            raise ValueError("LowerProblem: the lower variable (init) has no elements; a lower problem needs at least one "
+                             "coordinate to solve for")
         for c, t in zip(self._constraints_for(y_flat, spec), y_flat):
             if not t.is_floating_point():
                 raise TypeError(f"LowerProblem: the lower variable must be floating point, got {t.dtype}")

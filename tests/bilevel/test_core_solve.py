@@ -63,6 +63,10 @@ def test_missing_solver_and_bad_leaves():
         bl.solve(lower, (torch.randn(3), 2.0), torch.zeros(4), bl.Implicit())
     with pytest.raises(TypeError, match="lower variable must be floating point, got torch.int64"):
         bl.solve(lower, torch.randn(3), torch.zeros(4, dtype=torch.long), bl.Implicit())
+    with pytest.raises(ValueError, match=r"lower variable \(init\) has no elements"):
+        bl.solve(lower, torch.randn(3), torch.zeros(0), bl.Implicit())
+    with pytest.raises(TypeError, match="value_and_hypergrad: the upper variable x must be floating point"):
+        bl.value_and_hypergrad(lambda x, y: y.sum(), lower, torch.ones(3, dtype=torch.long), torch.zeros(4), bl.Implicit())
 
 
 def test_argument_validation():
