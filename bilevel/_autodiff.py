@@ -37,7 +37,7 @@ def reaches(outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor]) -> 
     if edge is None:  # pragma: no cover - torch < 2.2
         return True
     targets = {edge(t).node for t in inputs if t.requires_grad}
-    stack = [t.grad_fn for t in outputs if t.grad_fn is not None]
+    stack = [edge(t).node for t in outputs if t.requires_grad]  # a leaf output starts at its own AccumulateGrad
     seen = set()
     while stack:
         node = stack.pop()

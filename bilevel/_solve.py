@@ -113,6 +113,16 @@ def solve(lower: LowerProblem, x: Tree, init: Tree, strategy: Strategy, *, check
     return y
 
 
+def _rebound(init: Tree, x_flat: List[torch.Tensor], xs: List[torch.Tensor]) -> Tree:
+    """``init`` with every leaf that is one of x's tensors replaced by its differentiable copy in ``xs``: an init that
+    is x (MAML's ``theta, theta``) starts from the x being differentiated, as in :func:`solve`."""
+    if isinstance(init, nn.Module):
+        return init
+    position = {id(t): i for i, t in enumerate(x_flat)}
+    init_flat, spec = leaves(init)
+    return unflatten([xs[position[id(t)]] if id(t) in position else t for t in init_flat], spec)
+
+
 def value_and_hypergrad(upper: Callable[[Tree, Tree], torch.Tensor], lower: LowerProblem, x: Tree, init: Tree,
                         strategy: Strategy) -> Tuple[torch.Tensor, Tree]:
     r"""Functional form: return :math:`F(x) = f(x, y^\star(x))` and :math:`\mathrm{d}F/\mathrm{d}x` (a tree like ``x``).
@@ -120,12 +130,14 @@ def value_and_hypergrad(upper: Callable[[Tree, Tree], torch.Tensor], lower: Lowe
     ``x`` is not modified and no ``.grad`` is written. Under ``torch.func`` transforms use
     ``torch.func.grad(lambda x: upper(x, solve(lower, x, init, strategy)))`` instead: every strategy composes.
     """
+    if isinstance(x, nn.Module):
+        x, init = parameters(x, detach=False), (parameters(x, detach=False) if init is x else init)
     x_flat, x_spec = leaves(x)
     _check_floating(x_flat, "value_and_hypergrad")
     with torch.enable_grad():
         xs = [t.detach().requires_grad_() for t in x_flat]
         x_in = unflatten(xs, x_spec)
-        y = solve(lower, x_in, init, strategy)
+        y = solve(lower, x_in, _rebound(init, x_flat, xs), strategy)
         value = upper(x_in, y)
         if not isinstance(value, torch.Tensor) or value.ndim != 0:
             raise ValueError("value_and_hypergrad: the upper objective must return a scalar tensor")

@@ -123,7 +123,12 @@ def is_vmapped() -> bool:
     if _is_compiling():
         return False
     f = torch._C._functorch
-    stack = f.get_interpreter_stack() or []  # None outside every transform
+    get_stack = getattr(f, "get_interpreter_stack", None)
+    if get_stack is not None:
+        stack = get_stack() or []  # None outside every transform
+    else:  # pragma: no cover - an older torch shows only the innermost transform
+        top = f.peek_interpreter_stack()
+        stack = [] if top is None else [top]
     return any(level.key() == f.TransformType.Vmap for level in stack)
 
 

@@ -150,7 +150,7 @@ class LInfBall(Box):
     """
 
     def __init__(self, center: Bound, radius: Bound, *, check: bool = True) -> None:
-        if check and _readable(center, radius):
+        if check and _readable(radius):  # a per-sample center under vmap leaves a float radius checkable
             r = torch.as_tensor(radius)
             if bool((r < 0).any()) or bool(torch.isnan(r).any()):
                 raise ValueError(f"LInfBall: radius must be >= 0, got {radius}")

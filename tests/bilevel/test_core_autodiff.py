@@ -114,3 +114,4 @@ def test_reaches_walks_the_graph_to_leaves_and_non_leaves():
     assert not reaches([torch.randn(2)], [a])  # no graph at all
     assert reaches([out, (b ** 2).sum()], [b])  # any output, any input
     assert not reaches([out], [torch.randn(3)])  # an input that does not require grad is never reached
+    assert reaches([a], [a]) and not reaches([a], [b])  # a leaf output is its own node

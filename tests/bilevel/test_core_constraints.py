@@ -97,6 +97,8 @@ def test_per_sample_bounds_built_under_vmap_skip_the_check_and_match_a_loop():
     torch.testing.assert_close(batched, loop, rtol=1e-12, atol=1e-14)
     with pytest.raises(ValueError, match="lower > upper"):
         torch.func.grad(lambda w: bl.Box(w + 1.0, w).project(w).sum())(W)
+    with pytest.raises(ValueError, match="radius must be >= 0"):  # a batched center leaves a float radius readable
+        torch.func.vmap(lambda img: bl.LInfBall(img, -0.1).project(img))(imgs)
 
 
 def test_check_shape():

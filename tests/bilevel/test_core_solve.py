@@ -131,5 +131,30 @@ def test_a_lower_objective_that_ignores_x_is_reported(strategy):
             maml = bl.LowerProblem(lambda x, y: 0.5 * (y ** 2).sum(), solver=bl.GradientDescent(0.3, 5))
             bl.solve(maml, x, x, bl.Unrolled()).sum().backward()
         bl.solve(bad, x, torch.zeros(2), bl.FirstOrder())  # independent of x by design
+        identity = bl.LowerProblem(lambda x, y: 0.5 * ((y - x) ** 2).sum(), solver=bl.ClosedForm(lambda x: x))
+        bl.solve(identity, x, torch.zeros(2), fresh)  # y* is x itself: a leaf, reached at once
     if not isinstance(strategy, bl.Implicit):  # the first-solve mark is not a field: equality is unchanged
         assert strategy == type(strategy)(**({"step": 0.5} if isinstance(strategy, bl.Linearized) else {}))
+
+
+def test_value_and_hypergrad_treats_x_passed_as_init_as_one_variable():
+    """MAML through the functional form, with a tree and with a module: the same meta-gradient as solve()."""
+    theta = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    lower = bl.LowerProblem(lambda x, w: ((w - 3.0) ** 2).sum(), solver=bl.GradientDescent(0.1, 5))
+    upper = lambda x, w: (w ** 2).sum()  # noqa: E731
+    _, got = bl.value_and_hypergrad(upper, lower, theta, theta, bl.Unrolled())
+    live = theta.clone().requires_grad_()
+    upper(live, bl.solve(lower, live, live, bl.Unrolled())).backward()
+    torch.testing.assert_close(got, live.grad, rtol=1e-14, atol=0)
+    assert got.abs().min() > 0.1
+    net = torch.nn.Linear(2, 1).double()
+    g = lambda p, w: sum(((w[k] - 1.0) ** 2).sum() for k in w)  # noqa: E731
+    f = lambda p, w: sum((w[k] ** 2).sum() for k in w)  # noqa: E731
+    module_lower = bl.LowerProblem(g, solver=bl.GradientDescent(0.1, 5))
+    _, by_module = bl.value_and_hypergrad(f, module_lower, net, net, bl.Unrolled())
+    tree = {k: v.detach().clone() for k, v in net.named_parameters()}
+    _, by_tree = bl.value_and_hypergrad(f, module_lower, tree, tree, bl.Unrolled())
+    for k in tree:
+        torch.testing.assert_close(by_module[k], by_tree[k], rtol=1e-14, atol=0)
+        assert by_tree[k].abs().min() > 0.1
+
