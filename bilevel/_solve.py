@@ -12,8 +12,6 @@ from ._autodiff import reaches
 from ._tree import Tree, is_functorch_mode, leaves, to_vector, unflatten
 from .convergence import HypergradientWarning
 from .hypergrad.base import Strategy
-from .hypergrad.linearized import Linearized
-from .hypergrad.unrolled import Unrolled
 from .modules import parameters
 from .problem import LowerProblem
 
@@ -42,28 +40,23 @@ def _check_floating(x_flat: List[torch.Tensor], who: str) -> None:
 def _warn_if_independent(strategy: Strategy, x: Tree, y_flat: List[torch.Tensor]) -> None:
     """On a strategy object's first differentiable solve: warn when y* has no graph path to x (autograd only).
 
-    :class:`~bilevel.Implicit` checks in its backward pass instead, and :class:`~bilevel.FirstOrder` is
-    independent of ``x`` by design. The walk visits the graph's nodes once, so it runs on the first solve only.
+    Only strategies whose ``_unreached_note`` says so (Unrolled, Linearized): :class:`~bilevel.Implicit` checks in
+    its backward pass, :class:`~bilevel.FirstOrder` is independent of ``x`` by design. The walk visits the graph's
+    nodes once, so it runs on the first solve only.
     """
-    if not isinstance(strategy, (Unrolled, Linearized)) or strategy.__dict__.get("_graph_checked") \
-            or not torch.is_grad_enabled():
+    note = strategy._unreached_note()
+    if note is None or strategy.__dict__.get("_graph_checked") or not torch.is_grad_enabled():
         return
-    if getattr(strategy, "truncate", None) == 0 or getattr(strategy, "ig_scale", None) == 0.0:
-        return  # first order by design: Unrolled(truncate=0), Linearized(lam=inf) and Linearized(sign=True)
     x_flat, _ = leaves(x)
     if not any(t.requires_grad for t in x_flat) or is_functorch_mode(x_flat + y_flat):
         return
     strategy.__dict__["_graph_checked"] = True  # not a dataclass field: equality and repr unchanged
     if not reaches(y_flat, x_flat):
-        why, hint = "", ""
-        if isinstance(strategy, Unrolled) and strategy.truncate is None:
-            why, hint = ", and init does not depend on x", "; for MAML, pass x as init too (solve(lower, theta, theta, ...))"
-        elif isinstance(strategy, Unrolled):
-            why = f", and truncate={strategy.truncate} makes the start a constant"
+        why, hint = note
         warnings.warn(
-            f"{type(strategy).__name__}: the lower solution has no graph to x (g does not use x{why}), so the "
-            "hypergradient through y* is zero. g must use its first argument: a g that reads x from an enclosing scope "
-            f"instead is the usual cause{hint}.", HypergradientWarning, stacklevel=3)
+            f"{type(strategy).__name__}: the lower solution has no graph to x (grad_y g does not depend on x{why}), so "
+            "the hypergradient through y* is zero. The usual cause is a g that reads x from an enclosing scope instead "
+            f"of its first argument{hint}.", HypergradientWarning, stacklevel=3)
 
 
 def solve(lower: LowerProblem, x: Tree, init: Tree, strategy: Strategy, *, check_finite: Optional[bool] = None) -> Tree:

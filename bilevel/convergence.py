@@ -136,10 +136,10 @@ class ConvergenceCheck:
                             f"most {low - damping:.3g}, so damping must exceed {damping - low:.3g} at least")
         if problems:
             self._report("Implicit: the linear system of the implicit hypergradient is not solved: " + "; ".join(problems)
-                         + ". " + _linear_remedy(solver, rel, curv) + "; check=None turns this check off.")
+                         + ". " + _linear_remedy(solver, rel, curv, self.linear_rtol) + "; check=None turns this check off.")
 
 
-def _linear_remedy(solver: Any, rel: torch.Tensor, curvature: Optional[torch.Tensor]) -> str:
+def _linear_remedy(solver: Any, rel: torch.Tensor, curvature: Optional[torch.Tensor], linear_rtol: float) -> str:
     """What to change, from what failed: the curvature (the lower problem), a diverging Neumann series, or too few
     iterations of the linear solver itself."""
     if curvature is not None and bool((curvature <= 0).any()):
@@ -148,6 +148,10 @@ def _linear_remedy(solver: Any, rel: torch.Tensor, curvature: Optional[torch.Ten
     if name == "Neumann" and not bool((rel < 1).all()):
         return (f"The Neumann series grew instead of converging: its alpha={solver.alpha:g} must be below "
                 "2/lambda_max(H); lower alpha (or add damping=)")
+    tol = getattr(solver, "tol", None)
+    if isinstance(tol, (int, float)) and tol > linear_rtol:
+        return (f"{name}'s tol={tol:g} stops it above linear_rtol={linear_rtol:g}: lower tol (or raise linear_rtol "
+                "if that accuracy is enough)")
     for knob in ("maxiter", "steps"):  # CG's iterations, Neumann's terms
         if hasattr(solver, knob):
             return (f"Raise {name}'s {knob} (now {getattr(solver, knob)}) or add damping= (a better-conditioned "

@@ -40,13 +40,15 @@ class TorchOptim(Solver):
     needs a differentiable solver (:class:`~bilevel.GradientDescent`, ...) and is refused.
 
     Args:
-        optimizer: a ``torch.optim.Optimizer`` class (``LBFGS`` included: each step passes it a closure), or any
-            ``params -> optimizer`` factory.
+        optimizer: a ``torch.optim.Optimizer`` class, or any ``params -> optimizer`` factory. ``LBFGS`` gets a
+            closure (it evaluates :math:`g` several times per step, on the step's batch) and is refused with a
+            constraint: its inner iterations are unconstrained, so projecting after the step is not the solution.
         steps: number of steps.
         batches: a batch source (callable, iterable or ``DataLoader``; see :func:`bilevel.stochastic.as_batches`),
             or ``None`` for the full objective ``g(x, y)``.
-        parallel: a :class:`~bilevel.stochastic.DataParallel`: each step's gradient is averaged over the ranks
-            (one ``all_reduce`` per step), so P processes step as one process on the concatenated batch.
+        parallel: a :class:`~bilevel.stochastic.DataParallel`: each evaluation's gradient (and value) is averaged
+            over the ranks (one ``all_reduce`` per evaluation: per step, or per LBFGS evaluation), so P processes
+            step as one process on the concatenated batch.
         **options: passed to the optimizer (``lr``, ``momentum``, ``betas``, ...).
     """
 
@@ -72,9 +74,14 @@ class TorchOptim(Solver):
         (``SGD``, ``Adam``, ``Adamax``, ``Adadelta``, ``Adagrad``, ``ASGD``, ``NAdam``, ``RAdam``, ``RMSprop``, unless
         ``decoupled_weight_decay=True``): their fixed points minimize :math:`g + \\tfrac{\\omega}{2}\\|y\\|^2`."""
         decay = float(self.options.get("weight_decay", 0.0) or 0.0)
-        if decay and self.optimizer in _L2_DECAY and not self.options.get("decoupled_weight_decay", False):
+        if decay and self._l2_decay_class():
             return with_weight_decay(lower, decay)
         return lower
+
+    def _l2_decay_class(self) -> bool:
+        """Whether ``optimizer`` is a class whose ``weight_decay`` is an L2 term of the gradient."""
+        return (isinstance(self.optimizer, type) and issubclass(self.optimizer, _L2_DECAY)
+                and not self.options.get("decoupled_weight_decay", False))
 
     def run(self, lower: LowerProblem, x: Tree, init: Tree, *, differentiable_steps: int = 0) -> Tree:
         if differentiable_steps:
@@ -86,8 +93,14 @@ class TorchOptim(Solver):
         y_flat, spec = leaves(init)
         ys = [t.detach().clone().requires_grad_() for t in y_flat]
         opt = self.optimizer(ys, **self.options)
-        self._warn_on_decoupled_decay(opt, lower)
+        if not getattr(self, "_decay_reported", False):
+            self._warn_on_unknown_decay(opt)
         objective, constrained = lower.objective, lower.constraint is not None
+        several = isinstance(opt, torch.optim.LBFGS)  # evaluates g several times per step, through the closure
+        if several and constrained:
+            raise TypeError("TorchOptim(LBFGS) with a constraint: LBFGS's inner iterations ignore it, and projecting "
+                            "after the step is not the constrained solution; use ProjectedGradient (or another "
+                            "optimizer, projected after each step)")
 
         def closure(batch: Any) -> torch.Tensor:
             """g on this step's batch; its gradient in ``.grad`` (averaged over the ranks, with the value)."""
@@ -97,29 +110,37 @@ class TorchOptim(Solver):
                 if not isinstance(value, torch.Tensor) or value.ndim != 0:
                     raise ValueError("TorchOptim: the lower objective must return a scalar tensor")
                 grads = torch.autograd.grad(value, ys, allow_unused=True)
-            value, *grads = mean_over(self.parallel, [value.detach()] + [torch.zeros_like(t) if g is None else g
-                                                                          for t, g in zip(ys, grads)])
+            grads = [torch.zeros_like(t) if g is None else g for t, g in zip(ys, grads)]
+            value, *grads = mean_over(self.parallel, [value.detach().to(grads[0].dtype)] + grads)
             for t, g in zip(ys, grads):
                 t.grad = g
             return value
 
         for _ in range(self.steps):
             batch = None if self.batches is None else self.batches()  # one batch per step, however many evaluations
-            opt.step(functools.partial(closure, batch))  # LBFGS evaluates g several times; the others once
+            if several:
+                opt.step(functools.partial(closure, batch))
+            else:  # one evaluation, then a plain step (an optimizer from a factory may take no closure)
+                closure(batch)
+                opt.step()
             if constrained:
                 with torch.no_grad():
                     for t, p in zip(ys, leaves(lower.project(unflatten([t.detach() for t in ys], spec)))[0]):
                         t.copy_(p)
         return unflatten([t.detach() for t in ys], spec)
 
-    def _warn_on_decoupled_decay(self, opt: torch.optim.Optimizer, lower: LowerProblem) -> None:
-        """Once per solver: a weight decay that is not an L2 term of g (AdamW's, by default 0.01) moves the fixed point."""
+    def _warn_on_unknown_decay(self, opt: torch.optim.Optimizer) -> None:
+        """Once per solver: a weight decay that :meth:`minimized` does not add to g moves the fixed point off g's
+        minimizer (AdamW's decoupled decay, 0.01 by default; any decay set inside a factory)."""
         decay = max(float(group.get("weight_decay", 0.0) or 0.0) for group in opt.param_groups)
-        if decay and self.minimized(lower) is lower and not getattr(self, "_decay_reported", False):
-            self._decay_reported = True
-            warnings.warn(
-                f"{self!r}: its weight decay ({decay:g}) is decoupled from the gradient, not the gradient of a term of g, "
-                "so the solver's fixed points do not minimize g and a hypergradient through them (Implicit, FirstOrder, "
-                "the stochastic strategies) is biased. Set weight_decay=0 and put the L2 term into g, or use an "
-                "optimizer whose weight_decay is an L2 term (torch.optim.Adam, SGD, ...).", HypergradientWarning,
-                stacklevel=4)
+        if not decay or (self._l2_decay_class() and decay == float(self.options.get("weight_decay", 0.0) or 0.0)):
+            return
+        self._decay_reported = True
+        why = ("is decoupled from the gradient, not the gradient of a term of g" if isinstance(self.optimizer, type)
+               else "was set inside an optimizer factory, where bilevel cannot see whether it is an L2 term")
+        warnings.warn(
+            f"{self!r}: its weight decay ({decay:g}) {why}, so the differentiated objective is g without it, whose "
+            "minimizer the solver does not reach; a hypergradient through it (Implicit, FirstOrder, the stochastic "
+            "strategies) is biased. Set weight_decay=0 and put the L2 term into g, or pass the class of an optimizer "
+            "whose weight_decay is an L2 term (torch.optim.Adam, SGD, ...) with weight_decay as an option.",
+            HypergradientWarning, stacklevel=4)

@@ -61,6 +61,7 @@ def help_text(doc: str) -> str:
     """A docstring as ``--help`` prints it: reST roles reduced to their name, double backticks dropped."""
     return re.sub(r":\w+:`~?\.?([\w.]+)`", lambda m: m.group(1).rsplit(".", 1)[-1], doc).replace("``", "")
 
+
 def parse_args(parser: argparse.ArgumentParser, argv: Optional[List[str]] = None) -> argparse.Namespace:
     """``parser``'s arguments with options and positionals (the overrides) in any order."""
     return parser.parse_intermixed_args(argv)

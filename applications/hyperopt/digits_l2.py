@@ -96,7 +96,7 @@ def make_lower(data: DigitsSplits, log_lam: torch.Tensor, steps: int) -> bl.Lowe
 
     The problem grows ill-conditioned as the weights fall (condition number from about 40 to :math:`10^5`, see the
     tutorial): plain gradient descent from a warm start then barely lowers the residual in 100 steps, which the
-    default convergence check reports, while momentum converges about :math:`\sqrt{\kappa}` times faster.
+    default convergence check reports; with momentum the same 100 steps solve it (``tests/hyperopt``).
 
     :math:`L = \tfrac12\lambda_{\max}(X^\top X / n) + \max_j e^{x_j}` bounds the Hessian of ``train_loss``
     (the softmax cross-entropy's Hessian is at most half the feature covariance).

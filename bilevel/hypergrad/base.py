@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional, Tuple
+
 from .._tree import Tree
 from ..problem import LowerProblem
 
@@ -14,6 +16,12 @@ class Strategy:
 
     def solve(self, lower: LowerProblem, x: Tree, init: Tree) -> Tree:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def _unreached_note(self) -> Optional[Tuple[str, str]]:
+        """For :func:`bilevel.solve`'s first-solve check that :math:`y^\\star` has an autograd path to ``x``: ``None``
+        when this strategy is not checked that way (the default: first order by design, or checked elsewhere),
+        else the (cause, remedy) texts its warning adds."""
+        return None
 
     @staticmethod
     def _solver(lower: LowerProblem, who: str):

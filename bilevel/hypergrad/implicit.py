@@ -130,9 +130,9 @@ class Implicit(Strategy):
 
 
 _G_WITHOUT_X = (
-    "{name}: the lower objective g does not depend on x (grad_y g has no path to any leaf of x), so the "
-    "hypergradient through y* is zero. g must use its first argument: a g that reads x from an enclosing scope "
-    "instead is the usual cause. If y* truly does not depend on x, {alternative}.")
+    "{name}: grad_y g does not depend on x (it has no path to any leaf of x), so y* does not move with x and the "
+    "hypergradient through it is zero. The usual cause is a g that reads x from an enclosing scope instead of its "
+    "first argument. If y* truly does not depend on x, {alternative}.")
 
 _WARM_UNDER_VMAP = (
     "Implicit(warm_start=True) under vmap: the warm start is one linear-system solution kept on the strategy "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -79,6 +79,9 @@ class Linearized(Strategy):
         if self.sign:
             return 0.0
         return self.step if self.lam is None else (0.0 if math.isinf(self.lam) else 1.0 / self.lam)
+
+    def _unreached_note(self) -> Optional[Tuple[str, str]]:
+        return None if self.ig_scale == 0.0 else ("", "")  # lam=inf and sign=True are first order by design
 
     def solve(self, lower: LowerProblem, x: Tree, init: Tree) -> Tree:
         scale = self.ig_scale

@@ -3,7 +3,7 @@ r"""Unrolled hypergradient: backpropagation through the lower solver's iteration
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -38,6 +38,13 @@ class Unrolled(Strategy):
     def __post_init__(self) -> None:
         if self.truncate is not None and self.truncate < 0:
             raise ValueError(f"Unrolled: truncate must be >= 0, got {self.truncate}")
+
+    def _unreached_note(self) -> Optional[Tuple[str, str]]:
+        if self.truncate == 0:
+            return None  # first order by design
+        if self.truncate is None:
+            return ", and init does not depend on x", "; for MAML, pass x as init too (solve(lower, theta, theta, ...))"
+        return f", and truncate={self.truncate} makes the start a constant", ""
 
     def solve(self, lower: LowerProblem, x: Tree, init: Tree) -> Tree:
         solver = self._solver(lower, "Unrolled")

@@ -146,7 +146,8 @@ def test_the_curvature_message_accounts_for_damping():
     (bl.Neumann(50, alpha=100.0), r"Neumann series grew.*alpha=100 must be below 2/lambda_max"),
     (bl.Neumann(2, alpha=0.1), r"Raise Neumann's steps \(now 2\)"),
     (bl.CG(maxiter=1), r"Raise CG's maxiter \(now 1\)"),
-], ids=["neumann-diverges", "neumann-short", "cg-short"])
+    (bl.CG(maxiter=50, tol=0.5), r"CG's tol=0.5 stops it above linear_rtol=0.01: lower tol"),
+], ids=["neumann-diverges", "neumann-short", "cg-short", "cg-loose-tol"])
 def test_the_linear_system_message_names_the_knob_that_failed(linear_solver, remedy):
     """A ridge lower problem solved to 1e-13: the linear solve is what failed, and the message says which knob."""
     torch.manual_seed(0)

@@ -170,6 +170,28 @@ def test_a_decoupled_weight_decay_is_reported_once(optimizer, options):
         bl.solve(lower, lam, torch.zeros(5), bl.Implicit(check=None))
 
 
+def test_lbfgs_with_a_constraint_and_decays_bilevel_cannot_see_are_named():
+    """LBFGS's inner iterations ignore a constraint: refused. A decay set inside a factory is invisible to
+    minimized(): reported. A subclass of an L2-decay optimizer keeps its L2 term, silently."""
+    X, t, g, f, _ = _ridge()
+    lam = torch.full((5,), 0.5, requires_grad=True)
+    boxed = bl.LowerProblem(g, constraint=bl.Box(-0.05, 0.05), solver=bl.TorchOptim(torch.optim.LBFGS, 3))
+    with pytest.raises(TypeError, match="LBFGS.*with a constraint"):
+        bl.solve(boxed, lam, torch.zeros(5), bl.Implicit())
+    factory = bl.TorchOptim(lambda p: torch.optim.SGD(p, lr=0.01, weight_decay=0.1), 10)
+    with pytest.warns(bl.HypergradientWarning, match="set inside an optimizer factory"):
+        bl.solve(bl.LowerProblem(g, solver=factory), lam, torch.zeros(5), bl.Implicit(check=None))
+
+    class MyAdam(torch.optim.Adam):
+        pass
+
+    mine = bl.TorchOptim(MyAdam, 10, lr=0.01, weight_decay=0.1)
+    assert mine.minimized(bl.LowerProblem(g, solver=mine)).objective is not g
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", bl.HypergradientWarning)
+        bl.solve(bl.LowerProblem(g, solver=mine), lam, torch.zeros(5), bl.Implicit(check=None))
+
+
 def test_first_order_over_torch_optim_returns_the_ridge_solution_as_a_constant():
     _, _, g, f, closed_form = _ridge()
     lam = torch.full((5,), 0.5, requires_grad=True)
