@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 import shlex
 from pathlib import Path
-from typing import Iterator, List, Tuple
+from typing import Any, Dict, Iterator, List, Tuple
 
 import pytest
 
@@ -115,13 +115,21 @@ def test_train_command_is_valid(page: str, args: List[str], tmp_path: Path) -> N
     config.load_config(cfg_path or config.QUICKSTART, overrides)
 
 
+def _project() -> Dict[str, Any]:
+    """pyproject.toml's [project] table (tomllib, or tomli before Python 3.11: the `dev` extra installs it)."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # pragma: no cover - Python < 3.11
+        tomllib = pytest.importorskip("tomli")
+    return tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+
+
 def test_installed_commands_are_the_project_scripts() -> None:
     """The commands the docs and README name are pyproject's [project.scripts], and each entry point
     resolves to a callable (the module imports, the function exists)."""
     import importlib
 
-    tomllib = pytest.importorskip("tomllib")
-    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["scripts"]
+    scripts = _project()["scripts"]
     installed = {name for name in COMMANDS if name.startswith("bilevel-")}
     assert set(scripts) == installed
     text = "".join(page.read_text(encoding="utf-8") for page in PAGES) + (ROOT / "README.md").read_text(encoding="utf-8")
@@ -135,8 +143,7 @@ def test_installed_commands_are_the_project_scripts() -> None:
 def test_the_extras_table_is_pyprojects() -> None:
     """docs/index.md's table of extras names every [project.optional-dependencies] key once, and no other; the `dev`
     row names the extras that `dev` pulls in."""
-    tomllib = pytest.importorskip("tomllib")
-    extras = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["optional-dependencies"]
+    extras = _project()["optional-dependencies"]
     rows = dict(re.findall(r"^\| `([\w-]+)` \| ([^|]*) \|", (DOCS / "index.md").read_text(encoding="utf-8"), re.M))
     assert set(rows) | {"apps"} == set(extras), (sorted(rows), sorted(extras))  # `apps` has its own paragraph
     pulled = re.findall(r"bilevel\[([\w,]+)\]", " ".join(extras["dev"]))
@@ -149,8 +156,7 @@ def test_command_help_is_plain_text(name: str, capsys: pytest.CaptureFixture) ->
     """``--help`` prints a description without reST markup (roles, double backticks) a terminal would show raw."""
     import importlib
 
-    tomllib = pytest.importorskip("tomllib")
-    target = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["scripts"][name]
+    target = _project()["scripts"][name]
     module, _, func = target.partition(":")
     with pytest.raises(SystemExit) as stop:
         getattr(importlib.import_module(module), func)(["--help"])
