@@ -121,7 +121,9 @@ def gradients(objective: Objective, x_flat: Sequence[torch.Tensor], x_spec, y_fl
         value = objective(unflatten(xs, x_spec), unflatten(ys, y_spec))
         _check_scalar(value)
         wrt = (xs if wrt_x else []) + (ys if wrt_y else [])
-        grads = zeros_for_none(torch.autograd.grad(value, wrt, allow_unused=True), wrt)
+        # a g that uses none of the requested leaves (one that ignores x, asked for grad_x g) has zero gradients
+        grads = zeros_for_none(torch.autograd.grad(value, wrt, allow_unused=True) if value.requires_grad
+                               else [None] * len(wrt), wrt)
     n = len(xs) if wrt_x else 0
     return (grads[:n] if wrt_x else None), (grads[n:] if wrt_y else None)
 

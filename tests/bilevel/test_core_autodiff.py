@@ -115,3 +115,21 @@ def test_reaches_walks_the_graph_to_leaves_and_non_leaves():
     assert reaches([out, (b ** 2).sum()], [b])  # any output, any input
     assert not reaches([out], [torch.randn(3)])  # an input that does not require grad is never reached
     assert reaches([a], [a]) and not reaches([a], [b])  # a leaf output is its own node
+
+
+def test_gradients_of_a_g_without_x_are_zeros():
+    """grad_x g of a g that ignores x (the products by differences ask for it alone): zeros, not torch's
+    'does not require grad' error; the implicit hypergradient by differences is then zero as well."""
+    import bilevel as bl
+    from bilevel._autodiff import gradients
+
+    x, y = torch.randn(3, dtype=D), torch.randn(4, dtype=D)
+    gx, gy = gradients(lambda x, y: (y ** 2).sum(), [x], leaves(x)[1], [y], leaves(y)[1], wrt_x=True, wrt_y=False)
+    assert gy is None and torch.equal(gx[0], torch.zeros(3, dtype=D))
+    c = torch.randn(4, dtype=D)
+    lower = bl.LowerProblem(lambda x, y: 0.5 * ((y - c) ** 2).sum(), solver=bl.GradientDescent(0.5, 60))
+    for products in (bl.CentralDifference(), bl.ForwardDifference()):
+        _, grad = bl.value_and_hypergrad(lambda x, y: (y ** 2).sum(), lower, x, torch.zeros(4, dtype=D),
+                                         bl.Implicit(products=products, check=None))
+        assert torch.equal(grad, torch.zeros(3, dtype=D))
+
