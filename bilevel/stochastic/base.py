@@ -7,7 +7,7 @@ from typing import Any, List, Optional
 
 import torch
 
-from .._tree import Tree
+from .._tree import Tree, is_vmapped
 from ..hypergrad.base import Strategy
 from ..hypergrad.implicit import implicit_solution
 from ..linalg import LinearSolveInfo
@@ -16,6 +16,12 @@ from .batches import as_batches
 from .system import BatchSystem
 
 __all__ = ["StochasticImplicit"]
+
+
+def _refuse_vmap(name: str) -> None:
+    if is_vmapped():
+        raise TypeError(f"{name} under vmap: the stochastic methods draw their own mini-batches and keep state on the "
+                        "strategy object, one stream for every task; loop over the tasks, or use Implicit under vmap")
 
 
 @dataclass(eq=False)
@@ -70,6 +76,7 @@ class StochasticImplicit(Strategy):
 
     def solve(self, lower: LowerProblem, x: Tree, init: Tree) -> Tree:
         self._solver(lower, type(self).__name__)
+        _refuse_vmap(type(self).__name__)
         return implicit_solution(self, lower, x, init)
 
     def solve_system(self, system: BatchSystem, b: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
@@ -77,6 +84,7 @@ class StochasticImplicit(Strategy):
 
     def backward(self, lower: LowerProblem, x_flat: List[torch.Tensor], x_spec: Any, y_flat: List[torch.Tensor],
                  y_spec: Any, v_flat: List[torch.Tensor]) -> List[torch.Tensor]:
+        _refuse_vmap(type(self).__name__)  # jacrev batches the backward pass alone
         system = BatchSystem(lower, x_flat, x_spec, y_flat, y_spec, damping=self.damping, mask_tol=self.mask_tol,
                              parallel=self.parallel)
         u = self.solve_system(system, system.rhs(v_flat))

@@ -46,3 +46,21 @@ def test_stochastic_strategies_reject_bad_options():
         bl.StocBiO(lambda: None, step_size=-1.0)
     with pytest.raises(ValueError, match="no solver"):
         bl.solve(bl.LowerProblem(lambda x, y, b=None: (y**2).sum()), torch.zeros(1), torch.zeros(2), bl.AmIGO(lambda: None))
+
+
+@pytest.mark.parametrize("make", [lambda b: bl.StocBiO(b, steps=3, step_size=0.3), lambda b: bl.AmIGO(b, steps=3)],
+                         ids=["StocBiO", "AmIGO"])
+def test_the_stochastic_strategies_refuse_vmap_by_name(make):
+    """One batch stream and one state for every task: vmap (over x, or jacrev's batched backward pass) is refused
+    with an error naming the method, instead of functorch's randomness error; a loop over tasks works."""
+    P = stochastic_quadratic()
+    strategy = make(bl.RandomBatches(P.N, 8, seed=4))
+    lower = bl.LowerProblem(P.g, solver=bl.ClosedForm(P.y_star))
+    F = lambda x: bl.solve(lower, x, torch.zeros(6, dtype=torch.float64), strategy).sum()  # noqa: E731
+    xs = torch.randn(2, 3, dtype=torch.float64)
+    name = type(strategy).__name__
+    with pytest.raises(TypeError, match=f"{name} under vmap"):
+        torch.func.vmap(torch.func.grad(F))(xs)
+    with pytest.raises(TypeError, match=f"{name} under vmap"):
+        torch.func.jacrev(lambda x: bl.solve(lower, x, torch.zeros(6, dtype=torch.float64), strategy))(xs[0])
+    assert all(torch.isfinite(torch.func.grad(F)(x)).all() for x in xs)
