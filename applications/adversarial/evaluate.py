@@ -39,6 +39,7 @@ from applications.adversarial.config import ConfigError, load_config
 from applications.adversarial.distributed import DistContext, resolve_device
 from applications.adversarial.evaluation import autoattack_accuracy, evaluate_clean, evaluate_robust, format_table
 from applications.adversarial.guard import RUN_KIND
+from applications.adversarial.methods import build_method
 from applications.adversarial.seeds import Stream, mix_seed
 from applications.common import checkpoint as ckpt_lib
 from applications.common.cli import help_text, parse_args, run_command
@@ -99,8 +100,11 @@ def evaluate_checkpoint(path: Path, attacks: List[str], n: Optional[int] = None,
     n = cfg.eval.test_n if n is None else n
     n = len(data.test) if n is None else min(int(n), len(data.test))
     bs = batch_size or cfg.eval.batch_size
+    # the training run's labels (seed, method options as resolved, training eps) beside the evaluation's eps
     out: Dict[str, Any] = {"checkpoint": str(path), "epoch": ck.get("epoch"), "method": cfg.method.name,
-                           "model": cfg.model.name, "data": cfg.data.name, "eps": eps, "n": n, "results": {}}
+                           "method_options": build_method(cfg.method.name, **cfg.method.options).resolved_options(),
+                           "seed": cfg.seed, "model": cfg.model.name, "data": cfg.data.name, "train_eps": cfg.eps,
+                           "eps": eps, "n": n, "results": {}}
     rows = []
     for attack in attacks:
         t0 = time.perf_counter()

@@ -77,8 +77,9 @@ def final_evaluation(tr: Trainer, train_time: float, wall: float) -> Dict[str, A
         tr.log(f"test ({attack}, eps {cfg.eps:.5g}):\n" + format_table(
             rows, ["checkpoint", "epoch", "n", "clean_acc", "robust_acc"]))
     results = {
-        "run_dir": str(tr.run_dir), "method": cfg.method.name, "model": cfg.model.name, "data": cfg.data.name,
-        "eps": cfg.eps, "epochs_completed": tr.epoch, "steps": tr.step, "world_size": ctx.world_size,
+        "run_dir": str(tr.run_dir), "method": cfg.method.name, "method_options": tr.method.resolved_options(),
+        "seed": cfg.seed, "model": cfg.model.name, "data": cfg.data.name, "eps": cfg.eps,
+        "epochs_completed": tr.epoch, "steps": tr.step, "world_size": ctx.world_size,
         "best_epoch": test["best"]["epoch"] if "best" in test else tr.best_epoch,
         "best_val_robust_acc": tr.best_val_robust if tr.best_epoch else None,
         "test_attack": attack, "test": test,

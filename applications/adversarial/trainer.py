@@ -354,7 +354,10 @@ class Trainer:
                                               purge_step=self.epoch + 1 if self.resume else None)
         for note in self.notes:
             self.log(f"note: {note}")
-        self.log(f"run {self.run_dir}: {cfg.method.name} on {cfg.data.name} ({self.n_train} train / "
+        options = ", ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}"
+                            for k, v in self.method.resolved_options().items())
+        self.log(f"run {self.run_dir}: {cfg.method.name} ({options}), seed {cfg.seed}, on {cfg.data.name} "
+                 f"({self.n_train} train / "
                  f"{len(self.data.val) if self.data.val is not None else 0} val / {len(self.data.test)} test), "
                  f"model {cfg.model.name}, eps {cfg.eps:.5g}, {self.spe} steps/epoch, {self.total_steps} steps, "
                  f"device {self.device}, {ctx.world_size} process(es)")

@@ -51,6 +51,12 @@ def test_evaluate_reproduces_the_trainer(run_dir):
     assert ev["results"]["pgd"]["accuracy"] == last["robust_acc"]
     assert ev["results"]["pgd"]["step_size"] == pytest.approx(0.05)
     assert "PGD-10-2" in proc.stdout and "clean" in proc.stdout
+    # both records carry the labels of what ran: the seed and the method's options as resolved (fast_at's step
+    # 1.25 eps from eps 0.2), and the evaluation keeps the training eps beside its own
+    options = {"eps": 0.2, "step_size": pytest.approx(0.25), "random_start": True, "update_bn_on_attack": False}
+    assert results["seed"] == ev["seed"] == 1 and results["method_options"] == ev["method_options"] == options
+    assert ev["train_eps"] == ev["eps"] == 0.2
+    assert "fast_at (eps=0.2, step_size=0.25" in (run_dir / "train.log").read_text()
     # a run directory means its best checkpoint
     proc = evaluate(str(run_dir), "--n", "150", "--attacks", "clean")
     assert proc.returncode == 0, proc.stderr

@@ -4,7 +4,8 @@ attack passes (see the package docstring)."""
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, List, Optional, Tuple
+import dataclasses
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -80,6 +81,15 @@ class TrainingMethod:
     """Interface of a training method (each subclass is a dataclass whose fields are its options)."""
 
     name: str = ""
+
+    def resolved_options(self) -> Dict[str, Any]:
+        """The options this method runs with, after its defaults were resolved (e.g. Fast-BAT's ``attack_step``
+        from ``eps``), as JSON values: what a run's records label it with. Objects (``products``) by their repr."""
+        if not dataclasses.is_dataclass(self):
+            return {}
+        plain = (bool, int, float, str, type(None))
+        return {f.name: (v if isinstance(v, plain) else repr(v))
+                for f in dataclasses.fields(self) if f.init for v in [getattr(self, f.name)]}
 
     @property
     def requires_double_backward(self) -> bool:
