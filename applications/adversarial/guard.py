@@ -33,7 +33,7 @@ from applications.common import checkpoint as ckpt_lib
 from applications.common.atomic import remove_stale_temporaries, write_metrics, write_text
 from applications.common.checkpoint import RUN_KIND_KEY
 from applications.common.errors import Diverged
-from applications.common.rundir import RunDirError
+from applications.common.rundir import LOCK_NAME, RunDirError, RunLock
 from applications.common.yamlfile import read_yaml
 
 from .config import ConfigError, config_from_dict, config_to_dict
@@ -102,9 +102,14 @@ def resumable_checkpoint(run_dir: Path) -> Path:
     Raises:
         RunDirError: it does not exist (saying whether the run was stopped before its first checkpoint).
     """
+    if Path(run_dir).is_file():
+        raise RunDirError(f"--resume takes the run directory, not a file: --resume {Path(run_dir).parent}")
     last = Path(run_dir) / "last.pt"
     if last.is_file():
         return last
+    if (Path(run_dir) / LOCK_NAME).exists():
+        with RunLock(run_dir):  # a run still before its first checkpoint: RunDirBusy names its process
+            pass
     if Path(run_dir).is_dir() and any((Path(run_dir) / n).exists() for n in ("config.yaml", "train.log", "best.pt")):
         raise RunDirError(f"cannot resume: {last} does not exist (the run was stopped before its first checkpoint "
                           f"was complete); start it again without --resume (with output.overwrite=true if "
@@ -199,6 +204,25 @@ def check_run_dir(tr: Trainer) -> None:
                               f"--resume {tr.run_dir}, choose another output.name, or set output.overwrite=true")
         raise RunDirError(f"run directory {tr.run_dir} holds best.pt but no last.pt (it cannot be resumed); "
                           "set output.overwrite=true to start it again, or choose another output.name")
+    elif not tr.cfg.output.overwrite:
+        _refuse_foreign_records(tr.run_dir, config_to_dict(tr.cfg))
+
+
+def _refuse_foreign_records(run_dir: Path, config: Mapping[str, Any]) -> None:
+    """A new run in a folder without checkpoints may restart the same run stopped before its first checkpoint
+    (the same config.yaml, no results), not take over another run's records or a finished run's results."""
+    records = sorted([n for n in (*RUN_FILES, "config.yaml") if (run_dir / n).exists()]
+                     + [p.name for p in run_dir.glob("eval_*.json")])
+    if not records:
+        return
+    stored = read_yaml(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else None
+    same = isinstance(stored, dict) and not ckpt_lib.differences(stored, config, lambda k: not k.startswith(_UNRECORDED))
+    finished = [n for n in records if n == "results.json" or n.startswith("eval_")]
+    if same and not finished:  # the same run, killed before its first checkpoint was complete
+        return
+    what = "another run's records" if not same else "a finished run's records"
+    raise RunDirError(f"run directory {run_dir} holds {what} ({', '.join(records)}) but no checkpoint; a new run "
+                      "would replace them: set output.overwrite=true to do so, or choose another output.name")
 
 
 def open_run_dir(tr: Trainer) -> None:

@@ -26,11 +26,13 @@ line on rank 0, ``error: another process of the run stopped (...)``, exit 4.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import re
 import signal
 import sys
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Any, Callable, Iterator, List, Optional
 
 from .distributed import EXIT_PEER_LOST, env_int, leave_silently, peer_lost, peer_lost_reason, silent_exit_code
 from .errors import EXIT_DIVERGED, EXIT_USAGE, Diverged, UserError
@@ -77,7 +79,7 @@ def run_command(body: Callable[[ResumeHint], int], hint: Optional[ResumeHint] = 
     hint = hint or ResumeHint()
     prefix = f"{prog}: " if prog else ""
     try:
-        with interrupts_raise():
+        with interrupts_raise(), _reader_may_leave():
             return _on_this_rank(body, hint, prefix)
     except Interrupted as exc:
         print(f"\n{prefix}interrupted by {signal.Signals(exc.signum).name}: {hint.message()}", file=sys.stderr,
@@ -92,6 +94,48 @@ def run_command(body: Callable[[ResumeHint], int], hint: Optional[ResumeHint] = 
     except (UserError, OSError) as exc:
         print(f"{prefix}error: {exc}", file=sys.stderr, flush=True)
         return EXIT_USAGE
+
+
+class _DroppedWhenClosed:
+    """``sys.stdout`` for a command whose reader may leave (``bilevel-train ... | head -1``): once the pipe is
+    closed, what is printed is dropped and the run goes on to write its files, instead of dying of a
+    ``BrokenPipeError`` before them."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream, self._gone = stream, False
+
+    def _leave(self) -> None:
+        self._gone = True
+        with contextlib.suppress(OSError, ValueError):  # Python's recipe: no second error when it exits
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self._stream.fileno())
+
+    def write(self, text: str) -> int:
+        if not self._gone:
+            try:
+                return self._stream.write(text)
+            except BrokenPipeError:
+                self._leave()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self._gone:
+            try:
+                self._stream.flush()
+            except BrokenPipeError:
+                self._leave()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def _reader_may_leave() -> Iterator[None]:
+    stdout = sys.stdout
+    sys.stdout = _DroppedWhenClosed(stdout)
+    try:
+        yield
+    finally:
+        sys.stdout = stdout
 
 
 def _on_this_rank(body: Callable[[ResumeHint], int], hint: ResumeHint, prefix: str) -> int:

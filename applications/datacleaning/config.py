@@ -230,4 +230,16 @@ def check_world_size(cfg: Config, world_size: int) -> None:
 def load_config(path: Union[str, Path, None] = None, overrides: Sequence[str] = ()) -> Config:
     """Reads the YAML file ``path`` (default: :data:`DEFAULT_CONFIG`), applies ``key.sub=value`` overrides, validates."""
     raw = read_yaml(DEFAULT_CONFIG if path is None else path)
-    return config_from_dict(apply_overrides(raw, overrides))
+    merged = apply_overrides(raw, overrides)
+    if isinstance(raw, dict) and isinstance(merged, dict):
+        merged["methods"] = _with_file_options(raw.get("methods"), merged.get("methods"))
+    return config_from_dict(merged)
+
+
+def _with_file_options(file_methods: Any, methods: Any) -> Any:
+    """``methods=[soba, f2sa]`` on the command line: a bare name takes that method's options from the file (its
+    tuned step sizes), as a name with options (``{name: soba, step_size: 0.05}``) takes only those it gives."""
+    if not isinstance(methods, list) or not isinstance(file_methods, list):
+        return methods
+    tuned = {e["name"]: e for e in file_methods if isinstance(e, dict) and isinstance(e.get("name"), str)}
+    return [tuned.get(e, e) if isinstance(e, str) else e for e in methods]

@@ -264,7 +264,8 @@ def _run(cfg: Config, ctx: DistContext, problem: DataCleaning, theta0: Dict[str,
     table = format_table(rows, baselines, target)
     mwn = ", Meta-Weight-Net" if cfg.weighting.name == "network" else ""
     title = f"{cfg.data.name}, {cfg.model.name}{mwn}, p = {cfg.data.p:g}"
-    results = {"config": cfg.to_dict(), "machine": _machine(), "world_size": ctx.world_size,
+    resolved = {m.name: build_method(m.name, **m.options).resolved_options() for m in cfg.methods}
+    results = {"config": cfg.to_dict(), "method_options": resolved, "machine": _machine(), "world_size": ctx.world_size,
                "target_val_loss": target, "baselines": baselines, "table": rows,
                "best": rows[0]["method"] if rows else None, "histories": histories}
 

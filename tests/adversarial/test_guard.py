@@ -49,6 +49,21 @@ def test_a_second_run_on_the_same_directory_exits_2_naming_the_first(tmp_path, c
     assert not (tmp_path / "shared" / "last.pt").exists() or load(tmp_path / "shared" / "last.pt")["config"]["seed"] == 0
 
 
+def test_a_resume_of_a_run_before_its_first_checkpoint_names_its_process(tmp_path, capsys):
+    """--resume while the run is still in its first epoch (no last.pt yet): "in use by process N", not advice to
+    start it again with output.overwrite."""
+    cfg = write_config(tmp_path, "young", train={"epochs": 50, "batch_size": 64, "lr_max": 0.2})
+    first = _start("--config", cfg)
+    try:
+        _wait_for(tmp_path / "young" / ".lock", first)
+        res = train(capsys, "--resume", tmp_path / "young")
+        assert res.rc == 2 and f"in use by process {first.pid}" in res.err, res.err
+        assert "overwrite" not in res.err
+    finally:
+        first.kill()
+        first.communicate()
+
+
 def _finished(tmp_path: Path, capsys, name: str = "run", epochs: int = 1) -> Path:
     res = train(capsys, "--config", write_config(tmp_path, name), f"train.epochs={epochs}")
     assert res.rc == 0, res.err
@@ -57,6 +72,8 @@ def _finished(tmp_path: Path, capsys, name: str = "run", epochs: int = 1) -> Pat
 
 def test_a_resume_that_changes_what_the_run_is_is_refused(tmp_path, capsys):
     run = _finished(tmp_path, capsys)
+    res = train(capsys, "--resume", run / "last.pt")  # a checkpoint instead of its folder: the folder is named
+    assert res.rc == 2 and f"--resume takes the run directory, not a file: --resume {run}" in res.err, res.err
     res = train(capsys, "--resume", run, "train.epochs=2", "seed=1", "data.n_val=100")
     assert res.rc == 2
     assert "seed: saved=0 new=1" in res.err and "data.n_val: saved=200 new=100" in res.err
@@ -181,3 +198,20 @@ def test_config_yaml_changes_only_with_the_first_epoch_saved_under_the_new_confi
     res = train(capsys, "--resume", run, "train.epochs=2")
     assert res.rc == 0, res.err
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["epochs"] == 2
+
+
+def test_a_new_run_does_not_take_over_another_runs_records(tmp_path, capsys):
+    """A folder whose checkpoints were deleted still holds its results, metrics, plot and evaluations: a new run
+    there is refused (exit 2, nothing touched) unless output.overwrite=true, which replaces them all."""
+    run = _finished(tmp_path, capsys)
+    for name in ("last.pt", "best.pt"):
+        (run / name).unlink()
+    (run / "eval_best.json").write_text("{}")
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    res = train(capsys, "--config", write_config(tmp_path, "run"), "train.epochs=1", "seed=3")
+    assert res.rc == 2 and "holds another run's records" in res.err and "results.json" in res.err, res.err
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    res = train(capsys, "--config", write_config(tmp_path, "run"), "train.epochs=1", "seed=3", "output.overwrite=true")
+    assert res.rc == 0, res.err
+    assert json.loads((run / "results.json").read_text())["seed"] == 3 and not (run / "eval_best.json").exists()
+

@@ -110,3 +110,26 @@ def test_a_signal_inside_a_write_waits_for_its_end(tmp_path):
                 os.kill(os.getpid(), signal.SIGTERM)
                 done = True
         assert done and info.value.exit_code == 143
+
+
+def test_a_reader_that_leaves_does_not_stop_the_command(tmp_path):
+    """``command | head -1``: once the pipe closes, prints are dropped and the command goes on to its files and
+    exit 0 (it died of BrokenPipeError, exit 2, before writing them). A child process, so that the pipe is real."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        from pathlib import Path
+        from applications.common.cli import run_command
+        def body(hint):
+            for i in range(20000):
+                print("line", i)
+            Path({str(tmp_path / "done")!r}).write_text("written")
+            return 0
+        raise SystemExit(run_command(body))
+    """)
+    proc = subprocess.run(["bash", "-c", f'"{sys.executable}" -c "$0" | head -1; exit ${{PIPESTATUS[0]}}', script],
+                          capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == 0 and proc.stdout == "line 0\n", (proc.returncode, proc.stderr[-2000:])
+    assert (tmp_path / "done").read_text() == "written" and "BrokenPipe" not in proc.stderr

@@ -50,3 +50,15 @@ def test_the_weighting_is_checked():
     assert info.value.problems == ["weighting.name: expected logits | network, got 'mlp'"]
     with pytest.raises(ConfigError, match="weighting.hidden: must be > 0, got 0"):
         config_from_dict({"weighting": {"name": "network", "hidden": 0}})
+
+
+def test_a_bare_method_name_on_the_command_line_keeps_the_files_options():
+    """methods=[soba] used to run SOBA with the code's defaults, not the config's tuned steps; a name with options
+    still takes only the options it gives."""
+    file_options = {m.name: m.options for m in load_config().methods}
+    cfg = load_config(None, ["methods=[soba, f2sa]"])
+    assert [(m.name, m.options) for m in cfg.methods] == [("soba", file_options["soba"]), ("f2sa", file_options["f2sa"])]
+    assert file_options["soba"]  # the file does tune it
+    cfg = load_config(None, ["methods=[{name: soba, step_size: 0.05}]"])
+    assert [(m.name, m.options) for m in cfg.methods] == [("soba", {"step_size": 0.05})]
+

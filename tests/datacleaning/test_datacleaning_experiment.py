@@ -44,7 +44,14 @@ def test_a_short_run_improves_validation_and_down_weights_corrupted_samples(tmp_
     for f in ("metrics.csv", "metrics.jsonl", "plot.png", "results.json"):
         assert (tmp_path / "amigo" / f).is_file()
     assert len((tmp_path / "amigo" / "metrics.csv").read_text().splitlines()) == 1 + 4  # header + steps 0..60
-    assert json.loads((tmp_path / "amigo" / "results.json").read_text())["best"] == "amigo"
+    written = json.loads((tmp_path / "amigo" / "results.json").read_text())
+    assert written["best"] == "amigo"
+    # labelled with every option the method ran with, defaults included (not only those the config names)
+    resolved = written["method_options"]["amigo"]
+    from applications.datacleaning.methods import build_method
+
+    assert resolved == build_method("amigo").resolved_options() | {k: v for k, v in cfg.methods[0].options.items()}
+    assert {"outer_lr", "inner_steps", "system_steps"} <= set(resolved)
 
 
 def test_a_short_run_of_the_weighting_network_improves_validation_and_down_weights_corrupted_samples(tmp_path):
