@@ -115,10 +115,24 @@ def load(path: PathLike, map_location: Any = "cpu") -> Dict[str, Any]:
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # zip reader errors, EOFError, UnpicklingError, ...
-        raise CheckpointError(f"cannot load checkpoint {path} (truncated, corrupt or not weights-only): {err}") from err
+        raise CheckpointError(f"cannot load checkpoint {path} (truncated, corrupt or not weights-only): "
+                              f"{_load_failure(err, path)}") from err
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict")
     return obj
+
+
+def _load_failure(err: Exception, path: Path) -> str:
+    """torch.load's reason in one line, without its advice to retry with ``weights_only=False`` (which would run
+    whatever code the file holds)."""
+    text = str(err)
+    if "WeightsUnpickler error:" in text:  # keep the unpickler's own reason, drop the advice around it
+        text = text.split("WeightsUnpickler error:", 1)[1].strip().split("\n\n")[0].strip()
+        return f"not a weights-only checkpoint ({text}); do not load it with weights_only=False unless you trust it"
+    if isinstance(err, EOFError) or path.stat().st_size == 0:
+        return "the file ends early (empty or truncated)"
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return f"not readable as a torch checkpoint ({type(err).__name__}{': ' + first if first else ''})"
 
 
 # ----------------------------------------------------------------------------------------------- RNG state

@@ -157,6 +157,9 @@ def test_truncated_and_garbage_files_raise_checkpoint_error(tmp_path):
         with pytest.raises(CheckpointError) as info:
             load(bad)
         assert str(bad) in str(info.value)
+        assert "\n" not in str(info.value) and not str(info.value).endswith(": ")  # one line, with a reason
+    with pytest.raises(CheckpointError, match="ends early"):
+        load(tmp_path / "empty.pt")
 
 
 def test_non_dict_payload_raises_checkpoint_error(tmp_path):
@@ -177,6 +180,9 @@ def test_weights_only_refuses_arbitrary_objects(tmp_path):
     with pytest.raises(CheckpointError) as info:
         load(path)
     assert str(path) in str(info.value)
+    # torch's advice to retry with weights_only=False (running the file's code) is not passed on as advice
+    assert "will likely succeed" not in str(info.value) and "unless you trust it" in str(info.value)
+    assert "\n" not in str(info.value)
 
 
 def test_missing_file_raises_file_not_found(tmp_path):
