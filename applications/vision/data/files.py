@@ -96,14 +96,14 @@ def load_torchvision(name: str, root: PathLike, download: bool = True) -> Tuple[
     key = name.lower().replace("-", "").replace("_", "")
     if key not in ("cifar10", "cifar100", "svhn"):
         raise ValueError(f"load_torchvision: unknown dataset {name!r}; valid: cifar10, cifar100, svhn")
+    root = Path(root).expanduser()
     try:
         import torchvision.datasets as tvd
     except ImportError as err:
-        raise ImportError(
-            f"dataset {name!r} is downloaded with torchvision, which is not installed: "
-            "`pip install bilevel[vision]` (or give a local image folder / .npz path)"
-        ) from err
-    root = Path(root).expanduser()
+        where = (f"{root} does not exist; give an image folder, a .tar/.tar.gz archive of one or an .npz, or "
+                 if not root.exists() else f"{root} is not an image folder, archive or .npz; ")
+        raise ImportError(f"dataset {name!r}: {where}downloading it needs torchvision, which is not installed "
+                          "(`pip install bilevel[vision]`)") from err
     try:
         if key == "svhn":
             sets = [tvd.SVHN(str(root), split=s, download=download) for s in ("train", "test")]

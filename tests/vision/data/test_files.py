@@ -53,3 +53,6 @@ def test_load_torchvision_without_torchvision(monkeypatch: pytest.MonkeyPatch, t
         load_torchvision("cifar10", tmp_path)
     with pytest.raises(ImportError, match=r"bilevel\[vision\]"):
         load_dataset("cifar10", tmp_path)
+    # a mistyped data path is named as missing before torchvision is blamed
+    with pytest.raises(ImportError, match=r"nowhere does not exist; give an image folder.*not installed"):
+        load_dataset("cifar10", tmp_path / "nowhere")
