@@ -54,6 +54,11 @@ def test_every_problem_is_listed_once():
     assert "train.batch_size: expected int, got str 'big'" in text
 
 
+def test_a_missing_eps_is_one_problem():
+    """It was two: check_options' "required" and the method's own constructor saying it again."""
+    assert problems_of([], base={"method": {"name": "fast_at"}}) == ["method.eps: required for method 'fast_at'"]
+
+
 def test_method_options_are_checked_against_the_method_dataclass():
     probs = problems_of(["method.lam=-1", "method.attack_stp=0.1"])
     text = "\n".join(probs)

@@ -60,6 +60,9 @@ def method_problems(method: Any, problems: List[str]) -> Optional[TrainingMethod
     if not all_valid and len(options) == len(method.options):
         return None  # a type error: the method's own checks would repeat it
     method.options = options
+    if any(f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in options
+           for f in dataclasses.fields(cls) if f.init):
+        return None  # a required option is missing: check_options said so, build_method would say it again
     try:
         return build_method(method.name, **options)
     except OptionError as exc:
