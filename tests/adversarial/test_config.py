@@ -55,8 +55,10 @@ def test_every_problem_is_listed_once():
 
 
 def test_a_missing_eps_is_one_problem():
-    """It was two: check_options' "required" and the method's own constructor saying it again."""
+    """Beside a misspelt option it was two: check_options' "required" and the method's constructor again."""
     assert problems_of([], base={"method": {"name": "fast_at"}}) == ["method.eps: required for method 'fast_at'"]
+    probs = problems_of([], base={"method": {"name": "fast_at", "stepsize": 0.1}})
+    assert len(probs) == 2 and sum("required" in p for p in probs) == 1, probs
 
 
 def test_method_options_are_checked_against_the_method_dataclass():
