@@ -265,9 +265,9 @@ def load_resume(tr: Trainer) -> None:
     tr.config_changes = [dict(c) for c in ck.get("config_changes", [])]
     if change["changes"]:
         tr.config_changes.append(change)
-        tr.notes.append(f"resumed after epoch {change['after_epoch']} with a changed config (recorded in last.pt and "
-                          "results.json): " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in
-                                                        change["changes"].items()))
+        tr.notes.append(f"resumed after epoch {change['after_epoch']} with a changed config (recorded in results.json, "
+                          "and in last.pt and config.yaml with the first epoch saved under it): "
+                          + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in change["changes"].items()))
     if ck.get("format") != CHECKPOINT_FORMAT or ck.get("kind") != "last":
         raise ckpt_lib.CheckpointError(f"{path} is not a resumable last-checkpoint of this trainer")
     saved_info = ck.get("data_info") or {}

@@ -363,7 +363,10 @@ class Trainer:
                  f"device {self.device}, {ctx.world_size} process(es)")
         idle = self._nothing_to_train()
         if idle is not None:
-            self.log(f"nothing to train: {idle}")
+            unsaved = self.resume and self.config_changes and self.config_changes[-1]["after_epoch"] == self.epoch
+            self.log(f"nothing to train: {idle}" + ("; no epoch ran under the changed config, so last.pt keeps the "
+                                                     "previous one: pass the changes again with the next --resume"
+                                                     if unsaved else ""))
         train_time = sum(r.get("epoch_time_s", 0.0) for r in self.history)
         epochs = progress(range(self.epoch, cfg.train.epochs), self.progress, desc="epochs", unit="epoch",
                            initial=self.epoch, total=cfg.train.epochs)

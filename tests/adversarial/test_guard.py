@@ -215,3 +215,13 @@ def test_a_new_run_does_not_take_over_another_runs_records(tmp_path, capsys):
     assert res.rc == 0, res.err
     assert json.loads((run / "results.json").read_text())["seed"] == 3 and not (run / "eval_best.json").exists()
 
+
+def test_a_changed_resume_with_nothing_to_train_says_the_change_is_not_kept(tmp_path, capsys):
+    """The note used to say the change was "recorded in last.pt", which is only rewritten by an epoch: with
+    nothing to train it says to pass the change again, and last.pt keeps the previous config."""
+    run = _finished(tmp_path, capsys)
+    res = train(capsys, "--resume", run, "train.lr_max=0.1")
+    assert res.rc == 0, res.err
+    assert "nothing to train" in res.out and "pass the changes again with the next --resume" in res.out, res.out
+    assert load(run / "last.pt")["config"]["train"]["lr_max"] == 0.2
+
