@@ -42,7 +42,7 @@ from applications.adversarial.guard import RUN_KIND
 from applications.adversarial.methods import build_method
 from applications.adversarial.seeds import Stream, mix_seed
 from applications.common import checkpoint as ckpt_lib
-from applications.common.cli import help_text, parse_args, run_command
+from applications.common.cli import ResumeHint, help_text, parse_args, run_command
 from applications.common.config import as_float
 from applications.common.errors import EXIT_USAGE
 
@@ -106,6 +106,7 @@ def evaluate_checkpoint(path: Path, attacks: List[str], n: Optional[int] = None,
                            "seed": cfg.seed, "model": cfg.model.name, "data": cfg.data.name, "train_eps": cfg.eps,
                            "eps": eps, "n": n, "results": {}}
     rows = []
+    log(f"evaluating {path}: {', '.join(attacks)} on {n} test images")  # before the attacks: it has started
     for attack in attacks:
         t0 = time.perf_counter()
         if attack == "clean":
@@ -192,7 +193,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if problems:
         print("error: " + "; ".join(problems), file=sys.stderr)
         return EXIT_USAGE
-    return run_command(lambda hint: _evaluate(args, attacks, eps, step))
+    return run_command(lambda hint: _evaluate(args, attacks, eps, step),
+                       ResumeHint("the evaluation stopped; nothing was written (the checkpoint is untouched)"))
 
 
 def _evaluate(args: argparse.Namespace, attacks: List[str], eps: Optional[float], step: Optional[float]) -> int:

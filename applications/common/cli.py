@@ -45,14 +45,15 @@ class ResumeHint:
     """What the interrupt message says: ``command``, the command that resumes the run, and ``checkpoint``,
     the file it continues from, both set once the run directory is known."""
 
-    def __init__(self) -> None:
+    def __init__(self, before: str = "stopped before the run started; nothing was saved") -> None:
         self.command: Optional[str] = None
         self.checkpoint: Optional[Path] = None
+        self.before = before  # what an interrupt means before there is a run (a command that trains none says so)
 
     def message(self) -> str:
         """The sentence after ``interrupted by SIG...:``."""
         if self.command is None:
-            return "stopped before the run started; nothing was saved"
+            return self.before
         if self.checkpoint is not None and not self.checkpoint.is_file():
             return "stopped before the first checkpoint; run the same command again to start afresh"
         where = f" ({self.checkpoint})" if self.checkpoint is not None else ""

@@ -120,3 +120,22 @@ def test_autoattacks_checks_are_printed_and_recorded(run_dir, tmp_path, monkeypa
     assert rc == 0 and f"WARNING: AutoAttack's check: {flag}" in printed.out + printed.err
     res = json.loads(out.read_text())["results"]["autoattack"]
     assert res["warnings"] == [flag] and res["per_attack"] == {"apgd-ce": 0.6, "square": 0.5} and res["accuracy"] == 0.5
+
+
+def test_an_interrupted_evaluation_says_what_it_left(run_dir, tmp_path):
+    """Ctrl-C during an evaluation: exit 130 and "the evaluation stopped; nothing was written", not the trainer's
+    "stopped before the run started"."""
+    import signal
+    import time
+
+    out = tmp_path / "never.json"
+    proc = subprocess.Popen([sys.executable, str(EVALUATE), str(run_dir / "last.pt"), "--attacks", "pgd", "--n",
+                             "150", "--pgd-steps", "1000000", "--output", str(out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=dict(ENV, PYTHONUNBUFFERED="1"))
+    first = proc.stdout.readline()  # "evaluating ...": loaded, the attack begins
+    assert first.startswith("evaluating "), (first, proc.communicate(timeout=60)[1][-2000:])
+    time.sleep(0.5)  # inside the long attack
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "the evaluation stopped; nothing was written" in err and not out.exists()
