@@ -45,6 +45,7 @@ from applications.common import checkpoint as ckpt_lib
 from applications.common.cli import ResumeHint, help_text, parse_args, run_command
 from applications.common.config import as_float
 from applications.common.errors import EXIT_USAGE
+from applications.vision.data.sources import PATH_REQUIRED
 
 __all__ = ["AA_ATTACKS", "AA_VERSIONS", "ATTACKS", "evaluate_checkpoint", "main", "resolve_checkpoint"]
 
@@ -82,6 +83,8 @@ def evaluate_checkpoint(path: Path, attacks: List[str], n: Optional[int] = None,
         if data_path is not None and any(p.startswith("data.path") for p in exc.problems):
             raise
         raise ckpt_lib.CheckpointError(f"{path} stores a config this version cannot use: {exc}") from None
+    if data_path is not None and cfg.data.name not in PATH_REQUIRED:
+        log(f"note: --data-path is ignored: {cfg.data.name} is embedded in the package")
     dev = resolve_device(device or cfg.device)
     if cfg.cpu_threads and dev.type == "cpu":
         torch.set_num_threads(cfg.cpu_threads)

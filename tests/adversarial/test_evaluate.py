@@ -57,9 +57,10 @@ def test_evaluate_reproduces_the_trainer(run_dir):
     assert results["seed"] == ev["seed"] == 1 and results["method_options"] == ev["method_options"] == options
     assert ev["train_eps"] == ev["eps"] == 0.2
     assert "fast_at (eps=0.2, step_size=0.25" in (run_dir / "train.log").read_text()
-    # a run directory means its best checkpoint
-    proc = evaluate(str(run_dir), "--n", "150", "--attacks", "clean")
+    # a run directory means its best checkpoint; a data path for embedded data is said to be ignored
+    proc = evaluate(str(run_dir), "--n", "150", "--attacks", "clean", "--data-path", "/nowhere")
     assert proc.returncode == 0, proc.stderr
+    assert "note: --data-path is ignored: digits is embedded" in proc.stdout
     ev_best = json.loads((run_dir / "eval_best.json").read_text())
     assert ev_best["results"]["clean"]["accuracy"] == results["test"]["best"]["clean_acc"]
 
