@@ -123,8 +123,9 @@ def value_and_hypergrad(upper: Callable[[Tree, Tree], torch.Tensor], lower: Lowe
     ``x`` is not modified and no ``.grad`` is written. Under ``torch.func`` transforms use
     ``torch.func.grad(lambda x: upper(x, solve(lower, x, init, strategy)))`` instead: every strategy composes.
     """
-    if isinstance(x, nn.Module):
-        x, init = parameters(x, detach=False), (parameters(x, detach=False) if init is x else init)
+    if isinstance(x, nn.Module):  # its live parameters; the same module as init is that same tree (as in solve)
+        module, x = x, parameters(x, detach=False)
+        init = x if init is module else init
     x_flat, x_spec = leaves(x)
     _check_floating(x_flat, "value_and_hypergrad")
     with torch.enable_grad():

@@ -16,7 +16,7 @@ from torch.utils import _pytree as pytree
 Tree = Any
 
 __all__ = ["Tree", "leaves", "leaves_like", "unflatten", "tree_map", "to_vector", "from_vector", "is_functorch_mode",
-           "is_vmapped", "plain_values"]
+           "is_batched", "is_vmapped", "plain_values"]
 
 
 # The spec of a bare tensor, shared so that the common single-tensor case skips the pytree machinery.
@@ -130,6 +130,12 @@ def is_vmapped() -> bool:
         top = f.peek_interpreter_stack()
         stack = [] if top is None else [top]
     return any(level.key() == f.TransformType.Vmap for level in stack)
+
+
+def is_batched(t: torch.Tensor) -> bool:
+    """Whether ``t`` is batched by ``vmap`` (its plain values have more dimensions than it shows): a per-task
+    tensor, whose values cannot be read inside the transform."""
+    return plain_values(t).dim() != t.dim()
 
 
 def plain_values(t: torch.Tensor) -> torch.Tensor:

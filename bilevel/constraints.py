@@ -21,7 +21,7 @@ from typing import Union
 
 import torch
 
-from ._tree import plain_values
+from ._tree import is_batched
 
 Bound = Union[float, torch.Tensor]
 
@@ -37,7 +37,7 @@ def _as_bound(b: Bound, like: torch.Tensor) -> Bound:
 
 def _readable(*bounds: Bound) -> bool:
     """Whether the bounds' values can be read: no tensor batched by ``vmap`` (a per-sample bound)."""
-    return all(plain_values(b).dim() == b.dim() for b in bounds if isinstance(b, torch.Tensor))
+    return not any(is_batched(b) for b in bounds if isinstance(b, torch.Tensor))
 
 
 def _shape(b: Bound) -> torch.Size:

@@ -27,6 +27,7 @@ from typing import Any, Optional
 import torch
 
 from ._tree import Tree, plain_values
+from .linalg import Neumann
 from .problem import LowerProblem
 from .residual import LowerSolveError, lower_residual
 
@@ -145,7 +146,7 @@ def _linear_remedy(solver: Any, rel: torch.Tensor, curvature: Optional[torch.Ten
     if curvature is not None and bool((curvature <= 0).any()):
         return "Solve the lower problem further (smaller inner step, more steps) so that y* is a minimum, or add damping="
     name = type(solver).__name__
-    if name == "Neumann" and not bool((rel < 1).all()):
+    if isinstance(solver, Neumann) and not bool((rel < 1).all()):
         return (f"The Neumann series grew instead of converging: its alpha={solver.alpha:g} must be below "
                 "2/lambda_max(H); lower alpha (or add damping=)")
     tol = getattr(solver, "tol", None)

@@ -60,6 +60,7 @@ class TorchOptim(Solver):
         self.optimizer, self.steps, self.options = optimizer, int(steps), options
         self.batches = as_batches(batches)
         self.parallel = parallel
+        self._decay_reported = False  # a decay minimized() cannot see is reported once per solver
 
     def __repr__(self) -> str:
         name = getattr(self.optimizer, "__name__", repr(self.optimizer))
@@ -93,7 +94,7 @@ class TorchOptim(Solver):
         y_flat, spec = leaves(init)
         ys = [t.detach().clone().requires_grad_() for t in y_flat]
         opt = self.optimizer(ys, **self.options)
-        if not getattr(self, "_decay_reported", False):
+        if not self._decay_reported:
             self._warn_on_unknown_decay(opt)
         objective, constrained = lower.objective, lower.constraint is not None
         several = isinstance(opt, torch.optim.LBFGS)  # evaluates g several times per step, through the closure

@@ -32,7 +32,7 @@ from pydantic import (
 from .errors import UserError
 
 __all__ = ["AnyReal", "ConfigError", "MAX_PROBLEMS", "Real", "Section", "as_float", "check_options", "describe_error",
-           "describe_errors", "did_you_mean", "init_fields"]
+           "describe_errors", "did_you_mean", "init_fields", "resolved_options"]
 
 #: The problems a :class:`ConfigError` spells out; the rest are counted.
 MAX_PROBLEMS = 20
@@ -172,6 +172,14 @@ def describe_error(error: Mapping[str, Any], root: Type[BaseModel], prefix: Tupl
 def init_fields(cls: type) -> List[str]:
     """The names of the ``__init__`` fields of dataclass ``cls``."""
     return [f.name for f in dataclasses.fields(cls) if f.init]
+
+
+def resolved_options(obj: Any) -> Dict[str, Any]:
+    """The ``__init__`` fields of dataclass instance ``obj`` as it runs (defaults resolved), as JSON values: what a
+    run's records label it with; objects (e.g. ``products``) by their repr."""
+    plain = (bool, int, float, str, type(None))
+    return {name: (v if isinstance(v, plain) else repr(v))
+            for name in init_fields(type(obj)) for v in [getattr(obj, name)]}
 
 
 def _lenient(tp: Any, choices: Mapping[type, Sequence[str]]) -> Any:

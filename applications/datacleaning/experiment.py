@@ -39,7 +39,7 @@ from applications.common.checkpoint import (
     load,
     save_atomic,
 )
-from applications.common.config import ConfigError
+from applications.common.config import ConfigError, resolved_options
 from applications.common.distributed import DistContext, agree, barrier, cleanup, on_main, setup
 from applications.common.rundir import RunLock
 from bilevel.stochastic import DataParallel
@@ -235,9 +235,11 @@ def _run(cfg: Config, ctx: DistContext, problem: DataCleaning, theta0: Dict[str,
         save_atomic(saved, state_path)
         write_metrics(run_dir, [r for h in histories.values() for r in h], METRIC_FIELDS)
 
+    resolved: Dict[str, Dict[str, Any]] = {}  # every option each method runs with, for results.json
     for entry in cfg.methods:
-        run = MethodRun(entry.name, build_method(entry.name, **entry.options), mctx, theta0, cfg.train.outer_lr,
-                        cfg.train.w0)
+        method = build_method(entry.name, **entry.options)
+        resolved[entry.name] = resolved_options(method)
+        run = MethodRun(entry.name, method, mctx, theta0, cfg.train.outer_lr, cfg.train.w0)
         if entry.name in saved["runs"]:
             run.load_state_dict(saved["runs"][entry.name])
         histories[entry.name] = run.history
@@ -264,7 +266,6 @@ def _run(cfg: Config, ctx: DistContext, problem: DataCleaning, theta0: Dict[str,
     table = format_table(rows, baselines, target)
     mwn = ", Meta-Weight-Net" if cfg.weighting.name == "network" else ""
     title = f"{cfg.data.name}, {cfg.model.name}{mwn}, p = {cfg.data.p:g}"
-    resolved = {m.name: build_method(m.name, **m.options).resolved_options() for m in cfg.methods}
     results = {"config": cfg.to_dict(), "method_options": resolved, "machine": _machine(), "world_size": ctx.world_size,
                "target_val_loss": target, "baselines": baselines, "table": rows,
                "best": rows[0]["method"] if rows else None, "histories": histories}

@@ -68,12 +68,6 @@ class Method:
 
     outer_lr: Optional[float] = None
 
-    def resolved_options(self) -> Dict[str, Any]:
-        """Every option this method runs with, defaults filled in (what results.json labels it with)."""
-        plain = (bool, int, float, str, type(None))
-        return {f.name: (v if isinstance(v, plain) else repr(v))
-                for f in dataclasses.fields(self) if f.init for v in [getattr(self, f.name)]}
-
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)

@@ -9,7 +9,7 @@ from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 
-from .._tree import Tree, is_functorch_mode, is_vmapped, leaves, leaves_like, plain_values, to_vector, unflatten
+from .._tree import Tree, is_batched, is_functorch_mode, is_vmapped, leaves, leaves_like, plain_values, to_vector, unflatten
 from ..convergence import ConvergenceCheck, HypergradientWarning
 from ..linalg import CG, LinearSolveInfo, LinearSolver
 from ..problem import LowerProblem
@@ -111,7 +111,7 @@ class Implicit(Strategy):
         matvec = masked_operator(lin.hvp, d, self.damping)
         matmat = masked_operator(lin.hvp_batched, d, self.damping)  # rows (k, n): the mask broadcasts
         b = v if d is None else d * v
-        if self.warm_start and _vmapped(b):  # a backward pass batched apart from the forward one (jacrev)
+        if self.warm_start and is_batched(b):  # a backward pass batched apart from the forward one (jacrev)
             raise ValueError(_WARM_UNDER_VMAP)
         warm = self.last_solution if self.warm_start else None
         # x0 only when there is one: linear solvers written before warm starts keep working
@@ -124,24 +124,18 @@ class Implicit(Strategy):
         self.last_info = _plain_info(info)
         cross = lin.cross(u)
         if getattr(lin, "x_unused", False):
-            warnings.warn(_G_WITHOUT_X.format(name="Implicit", alternative="FirstOrder() gives the same zero without "
-                                              "the linear solve"), HypergradientWarning, stacklevel=4)
+            warnings.warn(_G_WITHOUT_X, HypergradientWarning, stacklevel=4)
         return [-t for t in cross]
 
 
 _G_WITHOUT_X = (
-    "{name}: grad_y g does not depend on x (it has no path to any leaf of x), so y* does not move with x and the "
+    "Implicit: grad_y g does not depend on x (it has no path to any leaf of x), so y* does not move with x and the "
     "hypergradient through it is zero. The usual cause is a g that reads x from an enclosing scope instead of its "
-    "first argument. If y* truly does not depend on x, {alternative}.")
+    "first argument. If y* truly does not depend on x, FirstOrder() gives the same zero without the linear solve.")
 
 _WARM_UNDER_VMAP = (
     "Implicit(warm_start=True) under vmap: the warm start is one linear-system solution kept on the strategy "
     "object, and each task's system differs; use warm_start=False under vmap (or one Implicit per task in a loop)")
-
-
-def _vmapped(t: torch.Tensor) -> bool:
-    """Whether ``t`` is batched by ``vmap`` (its plain values have more dimensions than it shows)."""
-    return plain_values(t).dim() != t.dim()
 
 
 def _plain_info(info: LinearSolveInfo) -> LinearSolveInfo:

@@ -48,9 +48,10 @@ def test_a_short_run_improves_validation_and_down_weights_corrupted_samples(tmp_
     assert written["best"] == "amigo"
     # labelled with every option the method ran with, defaults included (not only those the config names)
     resolved = written["method_options"]["amigo"]
+    from applications.common.config import resolved_options
     from applications.datacleaning.methods import build_method
 
-    assert resolved == build_method("amigo").resolved_options() | {k: v for k, v in cfg.methods[0].options.items()}
+    assert resolved == resolved_options(build_method("amigo")) | {k: v for k, v in cfg.methods[0].options.items()}
     assert {"outer_lr", "inner_steps", "system_steps"} <= set(resolved)
 
 

@@ -10,6 +10,8 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from applications.common.config import resolved_options
+
 from ..attacks import Generator
 
 __all__ = ["OptionError", "TrainingMethod", "attacker", "bn_stats_frozen", "check_bool", "check_eps", "check_positive"]
@@ -83,13 +85,9 @@ class TrainingMethod:
     name: str = ""
 
     def resolved_options(self) -> Dict[str, Any]:
-        """The options this method runs with, after its defaults were resolved (e.g. Fast-BAT's ``attack_step``
-        from ``eps``), as JSON values: what a run's records label it with. Objects (``products``) by their repr."""
-        if not dataclasses.is_dataclass(self):
-            return {}
-        plain = (bool, int, float, str, type(None))
-        return {f.name: (v if isinstance(v, plain) else repr(v))
-                for f in dataclasses.fields(self) if f.init for v in [getattr(self, f.name)]}
+        """The options this method runs with, defaults resolved (e.g. Fast-BAT's ``attack_step`` from ``eps``):
+        what a run's records label it with."""
+        return resolved_options(self) if dataclasses.is_dataclass(self) else {}
 
     @property
     def requires_double_backward(self) -> bool:
